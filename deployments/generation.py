@@ -1,0 +1,167 @@
+"""One request on the pipeline: runs on the replica's pipeline thread, feeds events to asyncio.
+
+Cancellation and deadlines are checked in the pipeline's `callback_on_step_end`, so denoising
+stops within one step. We raise there rather than set diffusers' `interrupt`, because
+`interrupt` skips the remaining steps but still runs the full VAE decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from typing import Any
+
+import torch
+
+from deployments.models import LoadedModels
+from deployments.preview_worker import PreviewJob, PreviewWorker
+from deployments.previews import PreviewSchedule, encode_image
+from serve_app.errors import DeadlineExceeded, GenerationCancelled, GenerationError
+from serve_app.schemas import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+END_OF_STREAM = None
+
+
+class GenerationRun:
+    """Create on the event loop, `execute` on the pipeline thread, read with `next_event`."""
+
+    def __init__(
+        self,
+        models: LoadedModels,
+        previews: PreviewWorker,
+        request: GenerationRequest,
+        schedule: PreviewSchedule,
+        final_jpeg_quality: int,
+        timeout_s: float,
+    ) -> None:
+        self._models = models
+        self._previews = previews
+        self._request = request
+        self._schedule = schedule
+        self._final_jpeg_quality = final_jpeg_quality
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._preview_error: BaseException | None = None
+        self._deadline = float("inf")
+        self.seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+
+    def cancel(self) -> None:
+        """Ask the run to stop at the next step boundary; safe from any thread."""
+        self._cancelled.set()
+
+    async def next_event(self) -> dict | None:
+        """The next event, or `END_OF_STREAM` after the final or error event."""
+        return await self._events.get()
+
+    def execute(self) -> None:
+        """Run the pipeline to the end; always finishes the event stream, whatever happens."""
+        try:
+            self._emit(self._generate())
+        except GenerationCancelled:
+            logger.info("Generation cancelled by the client")
+        except GenerationError as error:
+            logger.warning("Generation failed: %s", error)
+            self._emit_error(error.to_event())
+        except Exception as error:  # noqa: BLE001 - any failure must reach the client as an error event
+            logger.exception("Generation failed")
+            self._emit_error(_describe(error))
+        finally:
+            self._previews.discard()
+            self._emit(END_OF_STREAM)
+
+    def _generate(self) -> dict:
+        request, pipeline = self._request, self._models.pipeline
+        started = time.perf_counter()
+        self._deadline = started + self._timeout_s
+        generator = torch.Generator(device=self._models.device).manual_seed(self.seed)
+        with torch.inference_mode():
+            output = pipeline(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.num_inference_steps,
+                width=request.width,
+                height=request.height,
+                guidance_scale=request.guidance_scale,
+                generator=generator,
+                output_type="pt",  # checked for NaNs before it becomes an image
+                callback_on_step_end=self._on_step_end,
+            )
+            images = output.images
+            if not torch.isfinite(images).all():
+                raise GenerationError("the generated image contains NaN or infinite values")
+            image = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))[0]
+        inference_s = time.perf_counter() - started
+        self._previews.drain()  # every preview reaches the client before the final image
+        self._check_preview_error()
+        file = encode_image(image, request.output_format, self._final_jpeg_quality)
+        return {
+            "type": "final",
+            "image": file,
+            "images": [file],
+            "seed": self.seed,
+            "timings": {"inference": inference_s, "total": time.perf_counter() - started},
+            "prompt": request.prompt,
+        }
+
+    def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if self._cancelled.is_set():
+            raise GenerationCancelled
+        if time.perf_counter() > self._deadline:
+            raise DeadlineExceeded(f"the request ran past its {self._timeout_s:g} s time limit at step {step}")
+        self._check_preview_error()
+        if self._schedule.is_preview_step(step):
+            self._previews.submit(self._preview_job(step, callback_kwargs["latents"]))
+        return {}
+
+    def _preview_job(self, step: int, latents: torch.Tensor) -> PreviewJob:
+        ready = None
+        copy = latents[:1].detach().clone()  # the loop goes on updating `latents` in place
+        if copy.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return PreviewJob(
+            step=step,
+            num_inference_steps=self._request.num_inference_steps,
+            latents=copy,
+            deliver=self._emit,
+            fail=self._record_preview_error,
+            ready=ready,
+        )
+
+    def _record_preview_error(self, error: BaseException) -> None:
+        self._preview_error = error
+
+    def _check_preview_error(self) -> None:
+        if self._preview_error is not None:
+            raise GenerationError(f"preview decoding failed: {_describe(self._preview_error)['detail']}")
+
+    def _emit(self, event: dict | None) -> None:
+        if self._cancelled.is_set() and event is not END_OF_STREAM:
+            return
+        # A closed loop means the replica is shutting down and nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def _emit_error(self, error: dict) -> None:
+        self._emit({"type": "error", **error})
+
+
+def _describe(error: BaseException) -> dict:
+    """An error event for an unexpected exception.
+
+    Out-of-memory is recoverable (the allocator frees on unwind); any other CUDA error leaves
+    the context unusable, so the replica reports itself unhealthy and Serve replaces it.
+    """
+    if isinstance(error, torch.OutOfMemoryError):
+        return {"detail": "the GPU ran out of memory", "error_type": "out_of_memory"}
+    if isinstance(error, RuntimeError) and "CUDA error" in str(error):
+        return {"detail": f"device error: {error}", "error_type": "device_error"}
+    return {"detail": f"{type(error).__name__}: {error}", "error_type": "generation_failed"}

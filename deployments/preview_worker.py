@@ -1,0 +1,104 @@
+"""A replica's preview encoder: decodes and encodes previews on its own thread.
+
+The denoising loop only hands over a copy of the latents and goes on. If the encoder
+falls behind, a newer preview replaces the one still waiting (stale previews are dropped,
+never queued), so a slow decoder can neither stall nor flood a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from deployments.previews import encode_image, latents_to_pixels, pixels_to_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreviewJob:
+    """One preview to render; `deliver` gets the event, `fail` the exception if rendering fails."""
+
+    step: int
+    num_inference_steps: int
+    latents: torch.Tensor
+    deliver: Callable[[dict], None]
+    fail: Callable[[BaseException], None]
+    ready: torch.cuda.Event | None = None  # recorded after the copy on the producing CUDA stream
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    max_size: int
+    jpeg_quality: int
+
+
+class PreviewWorker:
+    """Owns one daemon thread; `submit` never blocks on decoding or encoding."""
+
+    def __init__(self, decoder: torch.nn.Module, settings: PreviewSettings) -> None:
+        self._decoder = decoder
+        self._settings = settings
+        self._condition = threading.Condition()
+        self._pending: PreviewJob | None = None
+        self._busy = False
+        self.dropped = 0  # previews replaced before they were rendered
+        on_cuda = decoder.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=decoder.device) if on_cuda else None
+        self._thread = threading.Thread(target=self._serve_forever, name="preview-encoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: PreviewJob) -> None:
+        with self._condition:
+            if self._pending is not None:
+                self.dropped += 1
+            self._pending = job
+            self._condition.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every submitted preview has been delivered (or failed)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._pending is None and not self._busy)
+
+    def discard(self) -> None:
+        """Forget a waiting preview and wait for the one being rendered, if any."""
+        with self._condition:
+            self._pending = None
+            self._condition.wait_for(lambda: not self._busy)
+
+    def _serve_forever(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._pending is not None)
+                job, self._pending, self._busy = self._pending, None, True
+            try:
+                job.deliver(self.render(job))
+            except BaseException as error:  # noqa: BLE001 - reported to the run, which ends the stream
+                logger.exception("Preview for step %d failed", job.step)
+                job.fail(error)
+            finally:
+                with self._condition:
+                    self._busy = False
+                    self._condition.notify_all()
+
+    def render(self, job: PreviewJob) -> dict:
+        """Decode on a side CUDA stream when on a GPU, so denoising kernels are not held up."""
+        with torch.inference_mode():
+            if self._stream is None:
+                pixels = latents_to_pixels(self._decoder, job.latents)
+            else:
+                with torch.cuda.stream(self._stream):
+                    if job.ready is not None:
+                        self._stream.wait_event(job.ready)
+                    pixels = latents_to_pixels(self._decoder, job.latents)
+        image = pixels_to_image(pixels, self._settings.max_size)
+        return {
+            "type": "preview",
+            "step": job.step,
+            "num_inference_steps": job.num_inference_steps,
+            "image": encode_image(image, "jpeg", self._settings.jpeg_quality),
+        }

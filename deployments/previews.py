@@ -1,0 +1,65 @@
+"""Preview throttling, TAESD decoding and image encoding: small pure pieces the run composes."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from PIL import Image
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+@dataclass(frozen=True)
+class PreviewSchedule:
+    """Which denoising steps (0-based, counted after the step ran) get a preview.
+
+    Every `interval` steps starting with step 0, as in fal's example; `interval=0` means none.
+    """
+
+    interval: int
+
+    def is_preview_step(self, step: int) -> bool:
+        return self.interval > 0 and step % self.interval == 0
+
+    def steps(self, num_inference_steps: int) -> list[int]:
+        return [step for step in range(num_inference_steps) if self.is_preview_step(step)]
+
+
+def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Decode one image's latents with a TAESD-shaped decoder into uint8 HWC pixels on the CPU.
+
+    The conversion to uint8 happens on the decoder's device, so only a small tensor crosses to the host.
+    """
+    scaled = latents[:1].to(decoder.dtype) / decoder.config.scaling_factor
+    decoded = decoder.decode(scaled, return_dict=False)[0]  # in [-1, 1]
+    pixels = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).cpu()
+
+
+def pixels_to_image(pixels: torch.Tensor, max_size: int) -> Image.Image:
+    """A PIL image, downscaled (aspect kept) so its long side is at most `max_size`."""
+    image = Image.fromarray(pixels.numpy())
+    if max(image.size) > max_size:
+        image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+    return image
+
+
+def encode_image(image: Image.Image, image_format: Literal["jpeg", "png"], jpeg_quality: int) -> dict:
+    """The image as fal's file object: a base64 data URI with its content type and size."""
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=jpeg_quality)
+    else:
+        image.save(buffer, format="PNG")
+    content_type = CONTENT_TYPES[image_format]
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return {
+        "url": f"data:{content_type};base64,{data}",
+        "content_type": content_type,
+        "width": image.width,
+        "height": image.height,
+    }

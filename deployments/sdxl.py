@@ -1,0 +1,79 @@
+"""The SDXL deployment: loads the models once, streams one generation at a time, reports health.
+
+`generate` is an async generator on purpose: Serve delivers a client's disconnect to it as
+`asyncio.CancelledError`, which stops the pipeline thread; the pipeline slot is released only
+after that thread has really stopped, so the next request never shares the device with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from ray import serve
+
+from deployments.generation import END_OF_STREAM, GenerationRun
+from deployments.models import load_models
+from deployments.preview_worker import PreviewSettings, PreviewWorker
+from deployments.previews import PreviewSchedule
+from serve_app.config import AppConfig
+from serve_app.schemas import GenerationRequest
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment
+class SDXLDeployment:
+    def __init__(self, config: AppConfig) -> None:
+        self._config = config
+        self._models = load_models(config)
+        self._previews = PreviewWorker(
+            self._models.preview_decoder,
+            PreviewSettings(max_size=config.preview_max_size, jpeg_quality=config.preview_jpeg_quality),
+        )
+        # One pipeline thread per replica: the pipeline is not safe to call concurrently.
+        self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
+        self._pipeline_slot = asyncio.Lock()
+        self._unusable_reason: str | None = None
+
+    async def generate(self, request: dict, previews: bool = True) -> AsyncIterator[dict]:
+        """Yield preview events, then one final or error event. `request` is a `GenerationRequest` dict."""
+        parsed = GenerationRequest.model_validate(request)
+        interval = (parsed.preview_interval or self._config.preview_interval) if previews else 0
+        async with self._pipeline_slot:
+            run = GenerationRun(
+                self._models,
+                self._previews,
+                parsed,
+                PreviewSchedule(interval),
+                final_jpeg_quality=self._config.final_jpeg_quality,
+                timeout_s=self._config.request_timeout_s,
+            )
+            done = asyncio.wrap_future(self._pipeline_thread.submit(run.execute))
+            try:
+                while (event := await run.next_event()) is not END_OF_STREAM:
+                    if event.get("error_type") == "device_error":
+                        self._unusable_reason = event["detail"]  # the CUDA context is gone for good
+                    yield event
+            finally:
+                run.cancel()  # a no-op if the run already finished
+                await _wait_through_cancellation(done)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self._unusable_reason is not None:
+            raise RuntimeError(f"pipeline unusable after a device error: {self._unusable_reason}")
+        if self._models.device.type == "cuda":
+            torch.cuda.synchronize(self._models.device)  # raises if the device has failed
+
+
+async def _wait_through_cancellation(done: asyncio.Future | Future) -> None:
+    """Wait for the pipeline thread to finish even if this task is cancelled again meanwhile."""
+    while not done.done():
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            continue

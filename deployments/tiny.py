@@ -1,0 +1,197 @@
+"""The built-in tiny model: SDXL's component layout with small random weights.
+
+It lets the whole service run and be tested with no GPU and no download. The weights are
+generated deterministically (fixed seeds) into a cache directory the first time they are
+needed, then loaded through the same `from_pretrained` code as real SDXL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+# Bump when the layout or sizes below change, so stale caches are not reused.
+TINY_MODEL_VERSION = "v1"
+PREVIEW_DECODER_SUBDIR = "preview_decoder"
+_SEED = 20261124
+
+TEXT_HIDDEN = 32  # per text encoder; the UNet sees both concatenated (64)
+TIME_EMBED_DIM = 8
+
+
+def default_cache_dir() -> Path:
+    """Where the tiny model lives: `$SDXL_SERVE_CACHE` or `~/.cache/sdxl-serve`."""
+    root = os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve"
+    return Path(root) / f"tiny-sdxl-{TINY_MODEL_VERSION}"
+
+
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+    """Return the tiny model's directory, generating it first if it is missing.
+
+    Generation writes into a temporary sibling and renames it into place, so replicas
+    starting together never load a half-written model.
+    """
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        write_tiny_model(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "model_index.json").exists():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_tiny_model(directory: Path) -> None:
+    """Generate the tiny pipeline (diffusers layout) plus its preview decoder into `directory`."""
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(CLIPTextModel, projection_dim=None, seed=_SEED + 1),
+        text_encoder_2=_text_encoder(CLIPTextModelWithProjection, TEXT_HIDDEN, seed=_SEED + 2),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(),
+        unet=_unet(),
+        scheduler=_scheduler(),
+    )
+    pipeline.save_pretrained(directory)
+    _preview_decoder().save_pretrained(directory / PREVIEW_DECODER_SUBDIR)
+
+
+def _tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer over a generated vocabulary (bytes, word ends, specials)."""
+    byte_chars = _bytes_to_unicode()
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The printable stand-ins byte-level BPE uses for the 256 byte values (as in GPT-2/CLIP)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _text_encoder(model_class: type, projection_dim: int | None, seed: int) -> torch.nn.Module:
+    config = CLIPTextConfig(
+        vocab_size=len(_bytes_to_unicode()) * 2 + 2,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        **({"projection_dim": projection_dim} if projection_dim else {}),
+    )
+    torch.manual_seed(seed)
+    return model_class(config)
+
+
+def _unet() -> UNet2DConditionModel:
+    """SDXL-shaped UNet: text-time added conditioning over both encoders' embeddings."""
+    torch.manual_seed(_SEED + 3)
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        # 6 size/crop numbers, each embedded in TIME_EMBED_DIM, plus the pooled text embedding
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_HIDDEN,
+        norm_num_groups=8,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    """Four blocks, so three downsamples: 8x spatially, like SDXL's VAE."""
+    torch.manual_seed(_SEED + 4)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=1024,
+        scaling_factor=0.13025,  # SDXL's
+    )
+
+
+def _preview_decoder() -> AutoencoderTiny:
+    """TAESD's shape (three 2x upsamples, 4 latent channels) with fewer channels."""
+    torch.manual_seed(_SEED + 5)
+    return AutoencoderTiny(
+        in_channels=3,
+        out_channels=3,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+        scaling_factor=1.0,
+    )
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    """SDXL base 1.0's scheduler configuration."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps({"tiny_model": str(ensure_tiny_model())}))

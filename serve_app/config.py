@@ -1,0 +1,59 @@
+"""Every knob of the application, validated once when the app is built.
+
+`serve_config.yaml` and `configs/*.yaml` pass these as the application's `args`.
+Serve-level settings (replicas, autoscaling, GPUs, queue bounds) live in the YAML, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TINY_MODEL = "tiny"
+TAESDXL = "madebyollin/taesdxl"
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        default=TINY_MODEL,
+        description="'tiny' (built-in, offline), a local diffusers directory, or a Hugging Face id.",
+    )
+    preview_decoder: str | None = Field(
+        default=None,
+        description="TAESD-shaped decoder: 'tiny', a local directory or a hub id; "
+        "default: the tiny model's own for 'tiny', else madebyollin/taesdxl.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="'auto': float16 on CUDA, float32 on CPU."
+    )
+    variant: str | None = Field(
+        default=None, description="Weights variant, e.g. 'fp16'; default: 'fp16' for float16 hub models."
+    )
+    cache_dir: str | None = Field(default=None, description="Where the tiny model and hub downloads are kept.")
+    scheduler: str | None = Field(
+        default=None, description="A diffusers scheduler class name to replace the model's own (few-step models)."
+    )
+    scheduler_config: dict = Field(default_factory=dict, description="Overrides for the scheduler's config.")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in each SDXL replica.")
+
+    preview_interval: int = Field(default=5, ge=1, le=50, description="Default steps between previews.")
+    preview_max_size: int = Field(default=512, ge=64, le=2048, description="Long side of preview images, pixels.")
+    preview_jpeg_quality: int = Field(default=70, ge=1, le=100)
+    final_jpeg_quality: int = Field(default=95, ge=1, le=100)
+
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="A generation running longer than this ends with an error event."
+    )
+    keepalive_s: float = Field(
+        default=15.0, gt=0, description="Idle seconds before an SSE comment keeps proxies from closing the stream."
+    )
+    first_event_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long /stream waits for the first event before committing to HTTP 200, "
+        "so that a rejected or failed request still gets a proper status code.",
+    )

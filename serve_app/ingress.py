@@ -1,0 +1,168 @@
+"""The HTTP edge: validates requests, forwards them to the SDXL deployment, streams SSE back.
+
+No torch here: this replica only speaks HTTP and relays events.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types on the routes.
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.config import AppConfig
+from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult
+from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, keepalive_comment
+
+logger = logging.getLogger("ray.serve")
+
+ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "overloaded": 503, "replica_failed": 502}
+HEALTH_CACHE_S = 1.0
+
+app = FastAPI(
+    title="Streaming SDXL",
+    description="fal-compatible SDXL: `POST /stream` streams TAESD previews then the final image as SSE; "
+    "`POST /` returns the final result as JSON.",
+)
+
+
+def error_response(status_code: int, detail: str | list, error_type: str, headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody(detail=detail, error_type=error_type).model_dump()
+    return JSONResponse(status_code=status_code, content=body, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # The echoed input is dropped: it can be the whole (large) body.
+    details = [{key: value for key, value in item.items() if key != "input"} for item in error.errors()]
+    return error_response(422, jsonable_encoder(details), "validation_error")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return error_response(error.status_code, str(error.detail), error_type, headers=error.headers)
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after_s: float | None) -> None:
+        self.retry_after_s = retry_after_s
+
+
+def _overloaded_response(error: Overloaded) -> JSONResponse:
+    retry_after = str(max(1, round(error.retry_after_s or 1)))
+    return error_response(
+        503, "all replicas are busy and the queue is full; retry later", "overloaded", {"Retry-After": retry_after}
+    )
+
+
+async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
+    """The next event from the SDXL deployment, `None` at the end; overload as `Overloaded`."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+    except BackPressureError as error:
+        raise Overloaded(error.retry_after_s) from error
+
+
+# Everything the class uses must be defined above it: `serve.ingress` serializes the app here.
+@serve.deployment
+@serve.ingress(app)
+class SDXLIngress:
+    def __init__(self, sdxl: DeploymentHandle, config: AppConfig) -> None:
+        self._sdxl = sdxl
+        self._config = config
+        self._health: tuple[float, bool] = (0.0, False)
+
+    @app.post(
+        "/stream",
+        response_class=EventSourceResponse,
+        responses={200: {"description": "SSE: `PreviewEvent`s, then one `FinalEvent` (or an `error` event)."}},
+    )
+    async def stream(self, request: GenerationRequest):
+        """Stream previews every few steps, then the final image as the last event."""
+        events = self._sdxl.options(stream=True).generate.remote(request.model_dump())
+        first = asyncio.ensure_future(_next_event(events))
+        try:
+            # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
+            await asyncio.wait({first}, timeout=self._config.first_event_wait_s)
+            if first.done() and isinstance(first.exception(), Overloaded):
+                return _overloaded_response(first.exception())
+        except BaseException:
+            first.cancel()
+            events.cancel()
+            raise
+        return EventSourceResponse(
+            self._relay(first, events),
+            ping=self._config.keepalive_s,
+            ping_message_factory=keepalive_comment,
+            sep=SEPARATOR,
+        )
+
+    @app.post("/", response_model=GenerationResult)
+    async def run(self, request: GenerationRequest):
+        """Generate and return the finished image as JSON (no stream)."""
+        events = self._sdxl.options(stream=True).generate.remote(request.model_dump(), previews=False)
+        try:
+            while True:
+                event = await _next_event(events)
+                if event is None:
+                    return error_response(500, "the generation ended without a result", "internal_error")
+                if event["type"] == "final":
+                    return GenerationResult.model_validate(FinalEvent.model_validate(event).model_dump())
+                if event["type"] == "error":
+                    status = ERROR_STATUS.get(event["error_type"], 500)
+                    return error_response(status, event["detail"], event["error_type"])
+        except Overloaded as error:
+            return _overloaded_response(error)
+        finally:
+            events.cancel()
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 once at least one SDXL replica has loaded its model, 503 before."""
+        checked_at, ready = self._health
+        if time.monotonic() - checked_at > HEALTH_CACHE_S:
+            ready = await asyncio.to_thread(self._sdxl_ready)
+            self._health = (time.monotonic(), ready)
+        if ready:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "the model is not loaded yet", "not_ready")
+
+    def _sdxl_ready(self) -> bool:
+        deployment = self._sdxl.deployment_id
+        application = serve.status().applications.get(deployment.app_name)
+        status = application.deployments.get(deployment.name) if application else None
+        return bool(status and status.replica_states.get("RUNNING", 0) > 0)
+
+    async def _relay(self, first: asyncio.Future, events: DeploymentResponseGenerator) -> AsyncIterator:
+        """SSE events until the final or error event; a failure of any kind becomes an error event."""
+        try:
+            event = await first
+            while event is not None:
+                yield encode_event(event)
+                if is_terminal(event):
+                    return
+                event = await _next_event(events)
+            yield error_event("the stream ended without a result", "internal_error")
+        except Overloaded:
+            yield error_event("all replicas are busy and the queue is full; retry later", "overloaded")
+        except RayActorError as error:
+            logger.warning("SDXL replica failed mid-stream: %s", error)
+            yield error_event("the model replica serving this request failed", "replica_failed")
+        except Exception as error:  # noqa: BLE001 - the client must see an error event, never a silent end
+            logger.exception("Stream failed")
+            yield error_event(f"{type(error).__name__}: {error}", "internal_error")
+        finally:
+            events.cancel()  # stops the replica's work if the client went away

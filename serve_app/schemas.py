@@ -1,0 +1,106 @@
+"""The fal wire format in one place: request, image, stream events, result and errors.
+
+These models cross the HTTP boundary (ingress) and the process boundary (ingress to
+SDXL replica, as plain dicts), so both sides validate against the same definitions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) keeps exact
+MAX_PROMPT_CHARS = 2000
+MIN_SIDE, MAX_SIDE = 128, 2048
+
+ImageSide = Annotated[
+    int,
+    Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="Pixels; a multiple of 8."),
+]
+
+
+class GenerationRequest(BaseModel):
+    """What a client asks for; fal's SDXL streaming example's fields plus `guidance_scale`."""
+
+    model_config = ConfigDict(
+        extra="forbid",  # a misspelt field is an error, not silently ignored
+        strict=True,  # "20" is not a step count; JSON numbers and strings keep their types
+        json_schema_extra={
+            "examples": [{"prompt": "a red fox", "num_inference_steps": 20, "width": 512, "height": 512, "seed": 42}]
+        },
+    )
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="blurry, low quality", max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int = Field(default=20, ge=1, le=50)
+    width: ImageSide = 1024
+    height: ImageSide = 1024
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted; returned.")
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=20.0, allow_inf_nan=False)
+    preview_interval: int | None = Field(
+        default=None, ge=1, le=50, description="Steps between previews; the service's default when omitted."
+    )
+    output_format: Literal["jpeg", "png"] = Field(default="jpeg", description="Format of the final image.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return prompt
+
+
+class ImageFile(BaseModel):
+    """An image inline as a data URI: what fal's playground and clients render."""
+
+    url: str
+    content_type: Literal["image/jpeg", "image/png"]
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    """Seconds spent; `inference` is the pipeline call, `total` includes encoding."""
+
+    inference: float
+    total: float
+
+
+class PreviewEvent(BaseModel):
+    """A TAESD decode of the latents after `step` (0-based) of `num_inference_steps`."""
+
+    type: Literal["preview"] = "preview"
+    step: int
+    num_inference_steps: int
+    image: ImageFile
+
+
+class FinalEvent(BaseModel):
+    """The last event of a successful stream: the finished image plus fast-sdxl's result fields.
+
+    `image` serves the streaming example's shape, `images` fast-sdxl's; both name the same file.
+    """
+
+    type: Literal["final"] = "final"
+    image: ImageFile
+    images: list[ImageFile]
+    seed: int
+    timings: Timings
+    prompt: str
+
+
+class GenerationResult(BaseModel):
+    """`POST /`: fal fast-sdxl's result shape."""
+
+    images: list[ImageFile]
+    seed: int
+    timings: Timings
+    prompt: str
+
+
+class ErrorBody(BaseModel):
+    """The one error shape, for HTTP errors and the SSE `error` event alike."""
+
+    detail: str | list
+    error_type: str
