@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.body_limit import BodySizeLimit
 from serve_app.config import AppConfig
 from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult
 from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, keepalive_comment
@@ -28,12 +29,14 @@ logger = logging.getLogger("ray.serve")
 
 ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "overloaded": 503, "replica_failed": 502}
 HEALTH_CACHE_S = 1.0
+MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
 app = FastAPI(
     title="Streaming SDXL",
     description="fal-compatible SDXL: `POST /stream` streams TAESD previews then the final image as SSE; "
     "`POST /` returns the final result as JSON.",
 )
+app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
 
 def error_response(status_code: int, detail: str | list, error_type: str, headers: dict | None = None) -> JSONResponse:

@@ -43,6 +43,15 @@ class GenerationRequest(BaseModel):
     )
     output_format: Literal["jpeg", "png"] = Field(default="jpeg", description="Format of the final image.")
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _valid_unicode(cls, text: str) -> str:
+        try:
+            text.encode("utf-8")  # JSON can carry lone surrogates ("\\ud800"), which cannot be encoded
+        except UnicodeEncodeError as error:
+            raise ValueError("must be valid Unicode (no lone surrogates)") from error
+        return text
+
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, prompt: str) -> str:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from tests.integration.harness import ServeHarness, free_port
+
+
+@pytest.fixture(scope="session")
+def serve_harness(tmp_path_factory: pytest.TempPathFactory):
+    """One Ray instance and Serve proxy for the whole integration session."""
+    os.environ["SDXL_SERVE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    # Logical CPUs: more than the machine has, so several test apps can be resident at once.
+    ray.init(
+        num_cpus=16,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"SDXL_SERVE_CACHE": os.environ["SDXL_SERVE_CACHE"]}},
+    )
+    harness = ServeHarness(free_port())
+    yield harness
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_url(serve_harness: ServeHarness) -> str:
+    """The local default config (`configs/local.yaml`), deployed at `/`."""
+    return serve_harness.deploy("sdxl", "/")
+
+
+@pytest.fixture()
+def client() -> httpx.Client:
+    with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as http:
+        yield http
