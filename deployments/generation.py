@@ -51,6 +51,8 @@ class GenerationRun:
         self._cancelled = threading.Event()
         self._preview_error: BaseException | None = None
         self._deadline = float("inf")
+        self.steps_completed = 0
+        self.outcome = "pending"  # then "completed", "cancelled" or "failed"
         self.seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
 
     def cancel(self) -> None:
@@ -65,12 +67,16 @@ class GenerationRun:
         """Run the pipeline to the end; always finishes the event stream, whatever happens."""
         try:
             self._emit(self._generate())
+            self.outcome = "completed"
         except GenerationCancelled:
-            logger.info("Generation cancelled by the client")
+            self.outcome = "cancelled"
+            logger.info("Generation cancelled by the client after %d steps", self.steps_completed)
         except GenerationError as error:
+            self.outcome = "failed"
             logger.warning("Generation failed: %s", error)
             self._emit_error(error.to_event())
         except Exception as error:  # noqa: BLE001 - any failure must reach the client as an error event
+            self.outcome = "failed"
             logger.exception("Generation failed")
             self._emit_error(_describe(error))
         finally:
@@ -99,6 +105,8 @@ class GenerationRun:
                 raise GenerationError("the generated image contains NaN or infinite values")
             image = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))[0]
         inference_s = time.perf_counter() - started
+        if self._cancelled.is_set():  # the client left during the final decode: nobody to send it to
+            raise GenerationCancelled
         self._previews.drain()  # every preview reaches the client before the final image
         self._check_preview_error()
         file = encode_image(image, request.output_format, self._final_jpeg_quality)
@@ -112,6 +120,7 @@ class GenerationRun:
         }
 
     def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.steps_completed = step + 1
         if self._cancelled.is_set():
             raise GenerationCancelled
         if time.perf_counter() > self._deadline:

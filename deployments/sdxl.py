@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import psutil
 import torch
 from ray import serve
 
@@ -38,6 +42,8 @@ class SDXLDeployment:
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self._pipeline_slot = asyncio.Lock()
         self._unusable_reason: str | None = None
+        self._outcomes: Counter[str] = Counter()
+        self._steps_run = 0
 
     async def generate(self, request: dict, previews: bool = True) -> AsyncIterator[dict]:
         """Yield preview events, then one final or error event. `request` is a `GenerationRequest` dict."""
@@ -61,6 +67,20 @@ class SDXLDeployment:
             finally:
                 run.cancel()  # a no-op if the run already finished
                 await _wait_through_cancellation(done)
+                self._outcomes[run.outcome] += 1
+                self._steps_run += run.steps_completed
+
+    def stats(self) -> dict:
+        """Counters for operators and tests: outcomes, steps run, and what could leak (threads, memory)."""
+        return {
+            "pid": os.getpid(),
+            "outcomes": dict(self._outcomes),
+            "steps_run": self._steps_run,
+            "busy": self._pipeline_slot.locked(),
+            "previews_dropped": self._previews.dropped,
+            "threads": threading.active_count(),
+            "rss_bytes": psutil.Process().memory_info().rss,
+        }
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 TINY_MODEL = "tiny"
 TAESDXL = "madebyollin/taesdxl"
@@ -50,6 +50,11 @@ class AppConfig(BaseModel):
     )
     keepalive_s: float = Field(
         default=15.0, gt=0, description="Idle seconds before an SSE comment keeps proxies from closing the stream."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="When non-empty, /stream and / need `Authorization: Key <key>` (what fal clients send). "
+        "Keys from the environment variable SDXL_SERVE_API_KEYS (comma-separated) are accepted too.",
     )
     first_event_wait_s: float = Field(
         default=2.0,

@@ -5,11 +5,14 @@ No torch here: this replica only speaks HTTP and relays events.
 
 # No `from __future__ import annotations`: FastAPI must see real types on the routes.
 import asyncio
+import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,6 +32,7 @@ logger = logging.getLogger("ray.serve")
 
 ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "overloaded": 503, "replica_failed": 502}
 HEALTH_CACHE_S = 1.0
+API_KEYS_ENV = "SDXL_SERVE_API_KEYS"
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
 app = FastAPI(
@@ -53,7 +57,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    error_type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    error_type = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
     return error_response(error.status_code, str(error.detail), error_type, headers=error.headers)
 
 
@@ -79,6 +83,11 @@ async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
         raise Overloaded(error.retry_after_s) from error
 
 
+async def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
+    """Runs before the body is validated, so an unauthenticated caller learns nothing but 401."""
+    serve.get_replica_context().servable_object.authorize(authorization)
+
+
 # Everything the class uses must be defined above it: `serve.ingress` serializes the app here.
 @serve.deployment
 @serve.ingress(app)
@@ -87,15 +96,31 @@ class SDXLIngress:
         self._sdxl = sdxl
         self._config = config
         self._health: tuple[float, bool] = (0.0, False)
+        from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+        self._api_keys = [key.get_secret_value().encode() for key in config.api_keys] + [k.encode() for k in from_env]
+
+    def authorize(self, authorization: str | None) -> None:
+        """Accept `Key <key>` (fal clients) or `Bearer <key>` when keys are configured; never log the key."""
+        if not self._api_keys:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        valid = scheme.lower() in ("key", "bearer") and any(
+            hmac.compare_digest(key.strip().encode(), known) for known in self._api_keys
+        )
+        if not valid:
+            raise HTTPException(
+                401, "missing or invalid API key: send `Authorization: Key <key>`", {"WWW-Authenticate": "Key"}
+            )
 
     @app.post(
         "/stream",
+        dependencies=[Depends(require_api_key)],
         response_class=EventSourceResponse,
         responses={200: {"description": "SSE: `PreviewEvent`s, then one `FinalEvent` (or an `error` event)."}},
     )
-    async def stream(self, request: GenerationRequest):
+    async def stream(self, body: GenerationRequest):
         """Stream previews every few steps, then the final image as the last event."""
-        events = self._sdxl.options(stream=True).generate.remote(request.model_dump())
+        events = self._sdxl.options(stream=True).generate.remote(body.model_dump())
         first = asyncio.ensure_future(_next_event(events))
         try:
             # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
@@ -113,10 +138,10 @@ class SDXLIngress:
             sep=SEPARATOR,
         )
 
-    @app.post("/", response_model=GenerationResult)
-    async def run(self, request: GenerationRequest):
+    @app.post("/", response_model=GenerationResult, dependencies=[Depends(require_api_key)])
+    async def run(self, body: GenerationRequest):
         """Generate and return the finished image as JSON (no stream)."""
-        events = self._sdxl.options(stream=True).generate.remote(request.model_dump(), previews=False)
+        events = self._sdxl.options(stream=True).generate.remote(body.model_dump(), previews=False)
         try:
             while True:
                 event = await _next_event(events)

@@ -31,7 +31,12 @@ def test_schedule(interval: int, steps: int, expected: list[int]) -> None:
 
 @pytest.mark.parametrize(
     ("size", "max_size", "expected"),
-    [((512, 512), 512, (512, 512)), ((1024, 1024), 512, (512, 512)), ((1024, 512), 256, (256, 128)), ((64, 96), 512, (64, 96))],
+    [
+        ((512, 512), 512, (512, 512)),
+        ((1024, 1024), 512, (512, 512)),
+        ((1024, 512), 256, (256, 128)),
+        ((64, 96), 512, (64, 96)),
+    ],
 )
 def test_pixels_are_downscaled_keeping_aspect(size: tuple, max_size: int, expected: tuple) -> None:
     width, height = size

@@ -6,7 +6,11 @@ from serve_app.sse import encode_event, is_terminal, keepalive_comment
 
 
 def test_preview_and_final_are_plain_data_events() -> None:
-    event = {"type": "preview", "step": 0, "image": {"url": "data:image/jpeg;base64,AA==", "content_type": "image/jpeg"}}
+    event = {
+        "type": "preview",
+        "step": 0,
+        "image": {"url": "data:image/jpeg;base64,AA==", "content_type": "image/jpeg"},
+    }
     encoded = encode_event(event).encode().decode()
     assert encoded.startswith("data: ")
     assert encoded.endswith("\n\n")

@@ -66,6 +66,10 @@ class ServeHarness:
         self.wait_running(name, timeout_s)
         return self.base_url + route_prefix.rstrip("/")
 
+    def remove(self, name: str) -> None:
+        self._apps.pop(name, None)
+        self._client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(self._apps.values())}))
+
     def wait_running(self, name: str, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -76,6 +80,12 @@ class ServeHarness:
                 raise RuntimeError(f"{name} failed to deploy: {app.message}")
             time.sleep(0.5)
         raise TimeoutError(f"{name} did not reach RUNNING in {timeout_s} s")
+
+
+def sdxl_stats(app_name: str) -> dict:
+    """The SDXL replica's counters (call while it is idle: it serves one request at a time)."""
+    handle = serve.get_deployment_handle("SDXLDeployment", app_name)
+    return handle.stats.remote().result(timeout_s=60)
 
 
 @dataclass
