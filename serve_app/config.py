@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 TINY_MODEL = "tiny"
 TAESDXL = "madebyollin/taesdxl"
@@ -51,10 +51,10 @@ class AppConfig(BaseModel):
     keepalive_s: float = Field(
         default=15.0, gt=0, description="Idle seconds before an SSE comment keeps proxies from closing the stream."
     )
-    api_keys: list[SecretStr] = Field(
-        default_factory=list,
-        description="When non-empty, /stream and / need `Authorization: Key <key>` (what fal clients send). "
-        "Keys from the environment variable SDXL_SERVE_API_KEYS (comma-separated) are accepted too.",
+    api_keys_env: str = Field(
+        default="SDXL_SERVE_API_KEYS",
+        description="Environment variable holding comma-separated API keys; when it is set and non-empty, "
+        "POST requests need `Authorization: Key <key>`. Keys are never put in args: Serve logs args.",
     )
     first_event_wait_s: float = Field(
         default=2.0,

@@ -5,14 +5,11 @@ No torch here: this replica only speaks HTTP and relays events.
 
 # No `from __future__ import annotations`: FastAPI must see real types on the routes.
 import asyncio
-import hmac
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,6 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.auth import ApiKeys, RequireApiKey
 from serve_app.body_limit import BodySizeLimit
 from serve_app.config import AppConfig
 from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult
@@ -32,7 +30,6 @@ logger = logging.getLogger("ray.serve")
 
 ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "overloaded": 503, "replica_failed": 502}
 HEALTH_CACHE_S = 1.0
-API_KEYS_ENV = "SDXL_SERVE_API_KEYS"
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
 app = FastAPI(
@@ -41,6 +38,13 @@ app = FastAPI(
     "`POST /` returns the final result as JSON.",
 )
 app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+
+
+def _replica_api_keys() -> ApiKeys:
+    return serve.get_replica_context().servable_object.api_keys
+
+
+app.add_middleware(RequireApiKey, keys=_replica_api_keys)  # added last, so it runs first
 
 
 def error_response(status_code: int, detail: str | list, error_type: str, headers: dict | None = None) -> JSONResponse:
@@ -57,7 +61,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    error_type = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
     return error_response(error.status_code, str(error.detail), error_type, headers=error.headers)
 
 
@@ -83,11 +87,6 @@ async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
         raise Overloaded(error.retry_after_s) from error
 
 
-async def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
-    """Runs before the body is validated, so an unauthenticated caller learns nothing but 401."""
-    serve.get_replica_context().servable_object.authorize(authorization)
-
-
 # Everything the class uses must be defined above it: `serve.ingress` serializes the app here.
 @serve.deployment
 @serve.ingress(app)
@@ -96,25 +95,10 @@ class SDXLIngress:
         self._sdxl = sdxl
         self._config = config
         self._health: tuple[float, bool] = (0.0, False)
-        from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
-        self._api_keys = [key.get_secret_value().encode() for key in config.api_keys] + [k.encode() for k in from_env]
-
-    def authorize(self, authorization: str | None) -> None:
-        """Accept `Key <key>` (fal clients) or `Bearer <key>` when keys are configured; never log the key."""
-        if not self._api_keys:
-            return
-        scheme, _, key = (authorization or "").partition(" ")
-        valid = scheme.lower() in ("key", "bearer") and any(
-            hmac.compare_digest(key.strip().encode(), known) for known in self._api_keys
-        )
-        if not valid:
-            raise HTTPException(
-                401, "missing or invalid API key: send `Authorization: Key <key>`", {"WWW-Authenticate": "Key"}
-            )
+        self.api_keys = ApiKeys.from_config(config)
 
     @app.post(
         "/stream",
-        dependencies=[Depends(require_api_key)],
         response_class=EventSourceResponse,
         responses={200: {"description": "SSE: `PreviewEvent`s, then one `FinalEvent` (or an `error` event)."}},
     )
@@ -138,7 +122,7 @@ class SDXLIngress:
             sep=SEPARATOR,
         )
 
-    @app.post("/", response_model=GenerationResult, dependencies=[Depends(require_api_key)])
+    @app.post("/", response_model=GenerationResult)
     async def run(self, body: GenerationRequest):
         """Generate and return the finished image as JSON (no stream)."""
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump(), previews=False)

@@ -9,16 +9,21 @@ from ray import serve
 
 from tests.integration.harness import ServeHarness, free_port
 
+TEST_API_KEYS_ENV = "SDXL_SERVE_TEST_API_KEYS"
+TEST_API_KEY = "sk-test-4a1f9c2e7b"
+
 
 @pytest.fixture(scope="session")
 def serve_harness(tmp_path_factory: pytest.TempPathFactory):
     """One Ray instance and Serve proxy for the whole integration session."""
+    # Set in the environment Ray's processes inherit, not in `runtime_env`: Ray logs runtime_env.
     os.environ["SDXL_SERVE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    os.environ[TEST_API_KEYS_ENV] = TEST_API_KEY
     # Logical CPUs: more than the machine has, so several test apps can be resident at once.
     ray.init(
         num_cpus=16,
         include_dashboard=False,
-        runtime_env={"env_vars": {"SDXL_SERVE_CACHE": os.environ["SDXL_SERVE_CACHE"]}},
+        log_to_driver=False,  # replica logs: /tmp/ray/session_latest/logs/serve/
     )
     harness = ServeHarness(free_port())
     yield harness

@@ -82,10 +82,17 @@ class ServeHarness:
         raise TimeoutError(f"{name} did not reach RUNNING in {timeout_s} s")
 
 
-def sdxl_stats(app_name: str) -> dict:
-    """The SDXL replica's counters (call while it is idle: it serves one request at a time)."""
+def sdxl_stats(app_name: str, timeout_s: float = 60) -> dict:
+    """The SDXL replica's counters once its pipeline is idle.
+
+    Serve counts a cancelled request as finished as soon as it delivers the cancellation, while
+    the pipeline thread may still be finishing its step; so wait for `busy` to clear.
+    """
     handle = serve.get_deployment_handle("SDXLDeployment", app_name)
-    return handle.stats.remote().result(timeout_s=60)
+    deadline = time.monotonic() + timeout_s
+    while (stats := handle.stats.remote().result(timeout_s=timeout_s))["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stats
 
 
 @dataclass
