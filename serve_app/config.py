@@ -48,6 +48,12 @@ class AppConfig(BaseModel):
     request_timeout_s: float = Field(
         default=300.0, gt=0, description="A generation running longer than this ends with an error event."
     )
+    queue_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a request may wait for a replica (until its first event) before it ends "
+        "with a `queue_timeout` error: no replica, or none free, never means a hang.",
+    )
     keepalive_s: float = Field(
         default=15.0, gt=0, description="Idle seconds before an SSE comment keeps proxies from closing the stream."
     )

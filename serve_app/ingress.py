@@ -28,7 +28,8 @@ from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, kee
 
 logger = logging.getLogger("ray.serve")
 
-ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "overloaded": 503, "replica_failed": 502}
+# Status codes for `POST /` when the generation fails; /stream sends these as error events.
+ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "replica_failed": 502}
 HEALTH_CACHE_S = 1.0
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
@@ -105,7 +106,7 @@ class SDXLIngress:
     async def stream(self, body: GenerationRequest):
         """Stream previews every few steps, then the final image as the last event."""
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump())
-        first = asyncio.ensure_future(_next_event(events))
+        first = asyncio.ensure_future(asyncio.wait_for(_next_event(events), self._config.queue_timeout_s))
         try:
             # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
             await asyncio.wait({first}, timeout=self._config.first_event_wait_s)
@@ -127,19 +128,22 @@ class SDXLIngress:
         """Generate and return the finished image as JSON (no stream)."""
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump(), previews=False)
         try:
-            while True:
-                event = await _next_event(events)
-                if event is None:
-                    return error_response(500, "the generation ended without a result", "internal_error")
-                if event["type"] == "final":
-                    return GenerationResult.model_validate(FinalEvent.model_validate(event).model_dump())
-                if event["type"] == "error":
-                    status = ERROR_STATUS.get(event["error_type"], 500)
-                    return error_response(status, event["detail"], event["error_type"])
+            # Without previews the only event is the result: bound the wait for a replica plus the run.
+            timeout_s = self._config.queue_timeout_s + self._config.request_timeout_s
+            event = await asyncio.wait_for(_next_event(events), timeout_s)
         except Overloaded as error:
             return _overloaded_response(error)
+        except TimeoutError:
+            return error_response(503, f"no result within {timeout_s:g} s", "queue_timeout")
+        except RayActorError:
+            return error_response(502, "the model replica serving this request failed", "replica_failed")
         finally:
             events.cancel()
+        if event is None:
+            return error_response(500, "the generation ended without a result", "internal_error")
+        if event["type"] == "error":
+            return error_response(ERROR_STATUS.get(event["error_type"], 500), event["detail"], event["error_type"])
+        return GenerationResult.model_validate(FinalEvent.model_validate(event).model_dump())
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -170,6 +174,9 @@ class SDXLIngress:
             yield error_event("the stream ended without a result", "internal_error")
         except Overloaded:
             yield error_event("all replicas are busy and the queue is full; retry later", "overloaded")
+        except TimeoutError:
+            detail = f"no model replica took the request within {self._config.queue_timeout_s:g} s"
+            yield error_event(detail, "queue_timeout")
         except RayActorError as error:
             logger.warning("SDXL replica failed mid-stream: %s", error)
             yield error_event("the model replica serving this request failed", "replica_failed")

@@ -54,6 +54,7 @@ class ServeHarness:
         args: dict | None = None,
         deployments: dict[str, dict] | None = None,
         timeout_s: float = 120,
+        wait: bool = True,
     ) -> str:
         """Deploy the first app of `config_file` as `name` at `route_prefix`; return its base URL."""
         app = copy.deepcopy(load_config(config_file)["applications"][0])
@@ -63,7 +64,8 @@ class ServeHarness:
             deployment.update((deployments or {}).get(deployment["name"], {}))
         self._apps[name] = app
         self._client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(self._apps.values())}))
-        self.wait_running(name, timeout_s)
+        if wait:
+            self.wait_running(name, timeout_s)
         return self.base_url + route_prefix.rstrip("/")
 
     def remove(self, name: str) -> None:

@@ -236,3 +236,35 @@ def test_api_keys_accept_fal_style_key_and_stay_out_of_logs(secured_url: str, cl
 
 def test_other_apps_need_no_key(local_url: str, client: httpx.Client) -> None:
     assert client.post(f"{local_url}/", json=SMALL).status_code == 200  # keys are off by default
+
+
+def test_without_a_model_replica_health_is_503_and_requests_end_not_hang(
+    serve_harness: ServeHarness, client: httpx.Client
+) -> None:
+    """The SDXL replica asks for a GPU this cluster lacks, so it never starts; the ingress does."""
+    url = serve_harness.deploy(
+        "no-gpu",
+        "/no-gpu",
+        args={"queue_timeout_s": 2, "request_timeout_s": 1, "first_event_wait_s": 0.3, "keepalive_s": 0.5},
+        deployments={"SDXLDeployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}},
+        wait=False,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (health := client.get(f"{url}/health")).status_code == 404 and time.monotonic() < deadline:
+            time.sleep(0.5)  # the route appears once the ingress replica is up
+        assert health.status_code == 503
+        assert health.json()["error_type"] == "not_ready"
+
+        with client.stream("POST", f"{url}/stream", json=SMALL) as response:
+            assert response.status_code == 200
+            raw = response.read().decode()
+        assert raw.startswith(": keepalive")
+        assert "event: error" in raw and '"error_type":"queue_timeout"' in raw
+        assert 'data: {"type"' not in raw
+
+        response = client.post(f"{url}/", json=SMALL)
+        assert response.status_code == 503
+        assert response.json()["error_type"] == "queue_timeout"
+    finally:
+        serve_harness.remove("no-gpu")
