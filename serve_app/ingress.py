@@ -5,6 +5,7 @@ No torch here: this replica only speaks HTTP and relays events.
 
 # No `from __future__ import annotations`: FastAPI must see real types on the routes.
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -78,6 +79,16 @@ def _overloaded_response(error: Overloaded) -> JSONResponse:
     )
 
 
+def _stop(events: DeploymentResponseGenerator) -> None:
+    """Cancel a handle call, stopping the replica's work if it still runs.
+
+    `cancel()` re-raises the call's own failure (e.g. `BackPressureError`) when it already failed;
+    that outcome was handled where it was read, so it is ignored here.
+    """
+    with contextlib.suppress(Exception):
+        events.cancel()
+
+
 async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
     """The next event from the SDXL deployment, `None` at the end; overload as `Overloaded`."""
     try:
@@ -114,7 +125,7 @@ class SDXLIngress:
                 return _overloaded_response(first.exception())
         except BaseException:
             first.cancel()
-            events.cancel()
+            _stop(events)
             raise
         return EventSourceResponse(
             self._relay(first, events),
@@ -138,7 +149,7 @@ class SDXLIngress:
         except RayActorError:
             return error_response(502, "the model replica serving this request failed", "replica_failed")
         finally:
-            events.cancel()
+            _stop(events)
         if event is None:
             return error_response(500, "the generation ended without a result", "internal_error")
         if event["type"] == "error":
@@ -184,4 +195,4 @@ class SDXLIngress:
             logger.exception("Stream failed")
             yield error_event(f"{type(error).__name__}: {error}", "internal_error")
         finally:
-            events.cancel()  # stops the replica's work if the client went away
+            _stop(events)  # stops the replica's work if the client went away
