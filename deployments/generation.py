@@ -51,7 +51,10 @@ class GenerationRun:
         self._cancelled = threading.Event()
         self._preview_error: BaseException | None = None
         self._deadline = float("inf")
+        self._started = 0.0
         self.steps_completed = 0
+        self.denoise_seconds = 0.0  # pipeline start to the end of the last step
+        self.error_type: str | None = None
         self.outcome = "pending"  # then "completed", "cancelled" or "failed"
         self.seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
 
@@ -85,7 +88,7 @@ class GenerationRun:
 
     def _generate(self) -> dict:
         request, pipeline = self._request, self._models.pipeline
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         self._deadline = started + self._timeout_s
         generator = torch.Generator(device=self._models.device).manual_seed(self.seed)
         with torch.inference_mode():
@@ -121,6 +124,7 @@ class GenerationRun:
 
     def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.steps_completed = step + 1
+        self.denoise_seconds = time.perf_counter() - self._started
         if self._cancelled.is_set():
             raise GenerationCancelled
         if time.perf_counter() > self._deadline:
@@ -160,6 +164,7 @@ class GenerationRun:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     def _emit_error(self, error: dict) -> None:
+        self.error_type = error["error_type"]
         self._emit({"type": "error", **error})
 
 

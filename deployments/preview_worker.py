@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,8 +41,14 @@ class PreviewSettings:
 class PreviewWorker:
     """Owns one daemon thread; `submit` never blocks on decoding or encoding."""
 
-    def __init__(self, decoder: torch.nn.Module, settings: PreviewSettings) -> None:
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        settings: PreviewSettings,
+        on_rendered: Callable[[float], None] | None = None,
+    ) -> None:
         self._decoder = decoder
+        self._on_rendered = on_rendered  # gets each render's seconds (metrics)
         self._settings = settings
         self._condition = threading.Condition()
         self._pending: PreviewJob | None = None
@@ -76,7 +83,11 @@ class PreviewWorker:
                 self._condition.wait_for(lambda: self._pending is not None)
                 job, self._pending, self._busy = self._pending, None, True
             try:
-                job.deliver(self.render(job))
+                started = time.perf_counter()
+                event = self.render(job)
+                if self._on_rendered is not None:
+                    self._on_rendered(time.perf_counter() - started)
+                job.deliver(event)
             except BaseException as error:  # noqa: BLE001 - reported to the run, which ends the stream
                 logger.exception("Preview for step %d failed", job.step)
                 job.fail(error)

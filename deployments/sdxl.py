@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,7 @@ from deployments.models import load_models
 from deployments.preview_worker import PreviewSettings, PreviewWorker
 from deployments.previews import PreviewSchedule
 from serve_app.config import AppConfig
+from serve_app.metrics import SDXLMetrics
 from serve_app.schemas import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
@@ -34,9 +36,11 @@ class SDXLDeployment:
     def __init__(self, config: AppConfig) -> None:
         self._config = config
         self._models = load_models(config)
+        self._metrics = SDXLMetrics()
         self._previews = PreviewWorker(
             self._models.preview_decoder,
             PreviewSettings(max_size=config.preview_max_size, jpeg_quality=config.preview_jpeg_quality),
+            on_rendered=self._metrics.preview_encode.observe,
         )
         # One pipeline thread per replica: the pipeline is not safe to call concurrently.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
@@ -47,6 +51,7 @@ class SDXLDeployment:
 
     async def generate(self, request: dict, previews: bool = True) -> AsyncIterator[dict]:
         """Yield preview events, then one final or error event. `request` is a `GenerationRequest` dict."""
+        arrived = time.perf_counter()
         parsed = GenerationRequest.model_validate(request)
         interval = (parsed.preview_interval or self._config.preview_interval) if previews else 0
         async with self._pipeline_slot:
@@ -59,16 +64,26 @@ class SDXLDeployment:
                 timeout_s=self._config.request_timeout_s,
             )
             done = asyncio.wrap_future(self._pipeline_thread.submit(run.execute))
+            first_preview = True
             try:
                 while (event := await run.next_event()) is not END_OF_STREAM:
+                    if event["type"] == "preview" and first_preview:
+                        first_preview = False
+                        self._metrics.time_to_first_preview.observe(time.perf_counter() - arrived)
                     if event.get("error_type") == "device_error":
                         self._unusable_reason = event["detail"]  # the CUDA context is gone for good
                     yield event
             finally:
                 run.cancel()  # a no-op if the run already finished
                 await _wait_through_cancellation(done)
-                self._outcomes[run.outcome] += 1
-                self._steps_run += run.steps_completed
+                self._record(run)
+
+    def _record(self, run: GenerationRun) -> None:
+        self._outcomes[run.outcome] += 1
+        self._steps_run += run.steps_completed
+        self._metrics.requests.inc(tags={"outcome": run.outcome, "error_type": run.error_type or ""})
+        if run.outcome == "completed" and run.denoise_seconds > 0:
+            self._metrics.steps_per_second.observe(run.steps_completed / run.denoise_seconds)
 
     def stats(self) -> dict:
         """Counters for operators and tests: outcomes, steps run, and what could leak (threads, memory)."""

@@ -62,6 +62,10 @@ class AppConfig(BaseModel):
         description="Environment variable holding comma-separated API keys; when it is set and non-empty, "
         "POST requests need `Authorization: Key <key>`. Keys are never put in args: Serve logs args.",
     )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description='Origins a browser app may call from (`["*"]` for any); CORS is off when empty.',
+    )
     first_event_wait_s: float = Field(
         default=2.0,
         ge=0,

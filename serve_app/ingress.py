@@ -9,11 +9,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -24,7 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app.auth import ApiKeys, RequireApiKey
 from serve_app.body_limit import BodySizeLimit
 from serve_app.config import AppConfig
-from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult
+from serve_app.http_middleware import FalRequestId, ReplicaCORS
+from serve_app.metrics import IngressMetrics
+from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult, PreviewEvent
 from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, keepalive_comment
 
 logger = logging.getLogger("ray.serve")
@@ -32,6 +36,7 @@ logger = logging.getLogger("ray.serve")
 # Status codes for `POST /` when the generation fails; /stream sends these as error events.
 ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "replica_failed": 502}
 HEALTH_CACHE_S = 1.0
+PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
 app = FastAPI(
@@ -46,7 +51,53 @@ def _replica_api_keys() -> ApiKeys:
     return serve.get_replica_context().servable_object.api_keys
 
 
-app.add_middleware(RequireApiKey, keys=_replica_api_keys)  # added last, so it runs first
+def _replica_config() -> AppConfig:
+    return serve.get_replica_context().servable_object.config
+
+
+# Added last runs first: CORS answers preflights before auth; every response carries the request id.
+app.add_middleware(RequireApiKey, keys=_replica_api_keys)
+app.add_middleware(ReplicaCORS, settings=_replica_config)
+app.add_middleware(FalRequestId)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema plus the SSE event models, which no route returns as JSON."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (PreviewEvent, FinalEvent, ErrorBody):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+ERROR_RESPONSES = {
+    401: {"model": ErrorBody, "description": "API keys are configured and the request has none or a wrong one."},
+    413: {"model": ErrorBody, "description": "The body is over 1 MiB."},
+    503: {"model": ErrorBody, "description": "Overloaded: retry after `Retry-After` seconds."},
+}
+STREAM_RESPONSES = {
+    **ERROR_RESPONSES,
+    200: {
+        "description": "Server-Sent Events: `data:` events that are `PreviewEvent`s, then one `FinalEvent`; "
+        "or an `event: error` event whose data is an `ErrorBody`. `: keepalive` comments may come between.",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/PreviewEvent"},
+                        {"$ref": "#/components/schemas/FinalEvent"},
+                        {"$ref": "#/components/schemas/ErrorBody"},
+                    ]
+                }
+            }
+        },
+    },
+}
 
 
 def error_response(status_code: int, detail: str | list, error_type: str, headers: dict | None = None) -> JSONResponse:
@@ -70,13 +121,6 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 class Overloaded(Exception):
     def __init__(self, retry_after_s: float | None) -> None:
         self.retry_after_s = retry_after_s
-
-
-def _overloaded_response(error: Overloaded) -> JSONResponse:
-    retry_after = str(max(1, round(error.retry_after_s or 1)))
-    return error_response(
-        503, "all replicas are busy and the queue is full; retry later", "overloaded", {"Retry-After": retry_after}
-    )
 
 
 def _stop(events: DeploymentResponseGenerator) -> None:
@@ -105,14 +149,15 @@ async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
 class SDXLIngress:
     def __init__(self, sdxl: DeploymentHandle, config: AppConfig) -> None:
         self._sdxl = sdxl
-        self._config = config
+        self.config = self._config = config
+        self._metrics = IngressMetrics()
         self._health: tuple[float, bool] = (0.0, False)
         self.api_keys = ApiKeys.from_config(config)
 
     @app.post(
         "/stream",
         response_class=EventSourceResponse,
-        responses={200: {"description": "SSE: `PreviewEvent`s, then one `FinalEvent` (or an `error` event)."}},
+        responses=STREAM_RESPONSES,
     )
     async def stream(self, body: GenerationRequest):
         """Stream previews every few steps, then the final image as the last event."""
@@ -122,7 +167,7 @@ class SDXLIngress:
             # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
             await asyncio.wait({first}, timeout=self._config.first_event_wait_s)
             if first.done() and isinstance(first.exception(), Overloaded):
-                return _overloaded_response(first.exception())
+                return self._reject_overloaded(first.exception())
         except BaseException:
             first.cancel()
             _stop(events)
@@ -134,7 +179,7 @@ class SDXLIngress:
             sep=SEPARATOR,
         )
 
-    @app.post("/", response_model=GenerationResult)
+    @app.post("/", response_model=GenerationResult, responses=ERROR_RESPONSES)
     async def run(self, body: GenerationRequest):
         """Generate and return the finished image as JSON (no stream)."""
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump(), previews=False)
@@ -143,8 +188,9 @@ class SDXLIngress:
             timeout_s = self._config.queue_timeout_s + self._config.request_timeout_s
             event = await asyncio.wait_for(_next_event(events), timeout_s)
         except Overloaded as error:
-            return _overloaded_response(error)
+            return self._reject_overloaded(error)
         except TimeoutError:
+            self.count_rejection("queue_timeout")
             return error_response(503, f"no result within {timeout_s:g} s", "queue_timeout")
         except RayActorError:
             return error_response(502, "the model replica serving this request failed", "replica_failed")
@@ -155,6 +201,20 @@ class SDXLIngress:
         if event["type"] == "error":
             return error_response(ERROR_STATUS.get(event["error_type"], 500), event["detail"], event["error_type"])
         return GenerationResult.model_validate(FinalEvent.model_validate(event).model_dump())
+
+    def count_rejection(self, reason: str) -> None:
+        self._metrics.rejections.inc(tags={"reason": reason})
+
+    def _reject_overloaded(self, error: Overloaded) -> JSONResponse:
+        self.count_rejection("overloaded")
+        retry_after = str(max(1, round(error.retry_after_s or 1)))
+        detail = "all replicas are busy and the queue is full; retry later"
+        return error_response(503, detail, "overloaded", {"Retry-After": retry_after})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """A page to try the service: live previews, progress, the final image, cancel."""
+        return HTMLResponse(PLAYGROUND_HTML)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -184,8 +244,10 @@ class SDXLIngress:
                 event = await _next_event(events)
             yield error_event("the stream ended without a result", "internal_error")
         except Overloaded:
+            self.count_rejection("overloaded")
             yield error_event("all replicas are busy and the queue is full; retry later", "overloaded")
         except TimeoutError:
+            self.count_rejection("queue_timeout")
             detail = f"no model replica took the request within {self._config.queue_timeout_s:g} s"
             yield error_event(detail, "queue_timeout")
         except RayActorError as error:

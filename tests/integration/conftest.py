@@ -23,6 +23,7 @@ def serve_harness(tmp_path_factory: pytest.TempPathFactory):
         num_cpus=16,
         include_dashboard=False,
         log_to_driver=False,  # replica logs: /tmp/ray/session_latest/logs/serve/
+        _metrics_export_port=free_port(),  # tests read the custom metrics from here
     )
     harness = ServeHarness(free_port())
     yield harness

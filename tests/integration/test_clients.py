@@ -1,0 +1,288 @@
+"""Issue 6: the clients people already use, the CLI, request ids, CORS, OpenAPI and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from PIL import Image
+
+from serve_app.dev_cert import write_localhost_certificate
+from tests.integration.harness import REPO, ServeHarness, decode_image, free_port
+
+SMALL = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 6, "seed": 3}
+JS_DIR = REPO / "tests" / "js"
+
+
+# --- Python fal_client, unmodified, over HTTPS --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_service(tmp_path_factory: pytest.TempPathFactory):
+    """`serve run configs/local-tls.yaml` as a user runs it (own Ray instance), on a free port."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = write_localhost_certificate(directory)
+    config = yaml.safe_load((REPO / "configs" / "local-tls.yaml").read_text())
+    port = free_port()
+    config["http_options"].update(port=port, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    config_path = directory / "local-tls.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a separate Ray instance
+    log = (directory / "serve.log").open("w")
+    process = subprocess.Popen(
+        [shutil.which("serve") or "serve", "run", str(config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"https://localhost:{port}/local/sdxl"
+    deadline = time.monotonic() + 180
+    with httpx.Client(verify=str(cert)) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (directory / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            raise TimeoutError((directory / "serve.log").read_text()[-3000:])
+    yield {"host": f"localhost:{port}", "cert": cert}
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def run_fal_client(tls_service: dict, code: str) -> dict:
+    """Run fal_client in a fresh interpreter configured only through its documented environment."""
+    env = {
+        **os.environ,
+        "FAL_RUN_HOST": tls_service["host"],
+        "FAL_KEY": "local-key",
+        "SSL_CERT_FILE": str(tls_service["cert"]),
+    }
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_fal_client_stream(tls_service: dict) -> None:
+    events = run_fal_client(
+        tls_service,
+        "import fal_client, json\n"
+        f"events = list(fal_client.stream('local/sdxl', arguments={SMALL!r}))\n"
+        "print(json.dumps(events))",
+    )
+    assert [event["type"] for event in events] == ["preview", "preview", "final"]
+    assert [event["step"] for event in events[:-1]] == [0, 5]
+    assert decode_image(events[-1]["image"]).size == (256, 256)
+    assert events[-1]["seed"] == 3
+
+
+def test_fal_client_run(tls_service: dict) -> None:
+    result = run_fal_client(
+        tls_service,
+        f"import fal_client, json\nprint(json.dumps(fal_client.run('local/sdxl', arguments={SMALL!r})))",
+    )
+    assert result["seed"] == 3
+    assert decode_image(result["images"][0]).size == (256, 256)
+
+
+# --- JavaScript @fal-ai/client, unmodified ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def js_client() -> Path:
+    """Install the locked @fal-ai/client from the npm registry once."""
+    if not (JS_DIR / "node_modules" / "@fal-ai" / "client").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True, timeout=300)
+    return JS_DIR / "fal_stream.mjs"
+
+
+@pytest.mark.parametrize("mode", ["url", "middleware"])
+def test_js_client_streams_previews_then_final_and_done_is_final(local_url: str, js_client: Path, mode: str) -> None:
+    result = subprocess.run(
+        ["node", str(js_client), local_url, json.dumps(SMALL), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    events = [line["event"] for line in lines if "event" in line]
+    assert [(event["type"], event.get("step")) for event in events] == [("preview", 0), ("preview", 5), ("final", None)]
+    assert all(event["url"].startswith("data:image/jpeg;base64,") for event in events)
+    assert lines[-1]["done"] == events[-1]  # stream.done() resolves to the final image
+    assert lines[-1]["done_has_images"]
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [shutil.which("sdxl-stream") or "sdxl-stream", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_saves_previews_and_final_and_prints_seed(local_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "a red fox", "--url", local_url, "--steps", "11", "--size", "320x256", "--seed", "9", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed 9" in result.stdout and "inference" in result.stdout
+    assert "11/11" in result.stderr  # tqdm's progress bar reached the last step
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "final.jpg",
+        "preview_000.jpg",
+        "preview_005.jpg",
+        "preview_010.jpg",
+    ]
+    assert Image.open(tmp_path / "final.jpg").size == (320, 256)
+
+
+def test_cli_png_output(local_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "a fox", "--url", local_url, "--steps", "2", "--size", "256", "--format", "png", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "final.png").format == "PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "250x256"], "width: Input should be a multiple of 8"),
+        (["--steps", "0"], "num_inference_steps: Input should be greater than or equal to 1"),
+    ],
+)
+def test_cli_exits_non_zero_with_the_servers_message(local_url: str, tmp_path: Path, args: list, message: str) -> None:
+    result = run_cli("a fox", "--url", local_url, "--out", str(tmp_path), *args)
+    assert result.returncode == 1
+    assert "422 validation_error" in result.stderr and message in result.stderr
+
+
+def test_cli_unreachable_service(tmp_path: Path) -> None:
+    result = run_cli("a fox", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot reach" in result.stderr
+
+
+# --- Request ids, CORS, OpenAPI -----------------------------------------------------------------
+
+
+def test_request_id_is_returned_and_logged_by_both_deployments(local_url: str, client: httpx.Client) -> None:
+    request_id = f"req-test-{time.time_ns()}"
+    response = client.post(f"{local_url}/", json=SMALL, headers={"x-request-id": request_id})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == request_id
+    assert response.headers["x-fal-request-id"] == request_id
+    generated = client.post(f"{local_url}/stream", json={**SMALL, "num_inference_steps": 1})
+    assert generated.headers["x-fal-request-id"] == generated.headers["x-request-id"] != ""
+
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        logged = {
+            deployment
+            for deployment in ("SDXLIngress", "SDXLDeployment")
+            for path in logs.glob(f"replica_sdxl_{deployment}_*.log")
+            if request_id in path.read_text(errors="replace")
+        }
+        if logged == {"SDXLIngress", "SDXLDeployment"}:
+            break
+        time.sleep(0.5)
+    assert logged == {"SDXLIngress", "SDXLDeployment"}
+
+
+@pytest.fixture(scope="module")
+def cors_url(serve_harness: ServeHarness):
+    yield serve_harness.deploy("cors", "/cors", args={"cors_allow_origins": ["http://app.example"]})
+    serve_harness.remove("cors")
+
+
+def test_cors_preflight_allows_configured_origin_with_auth_header(cors_url: str, client: httpx.Client) -> None:
+    preflight = client.options(
+        f"{cors_url}/stream",
+        headers={
+            "origin": "http://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed and "content-type" in allowed
+    response = client.post(f"{cors_url}/", json=SMALL, headers={"origin": "http://app.example"})
+    assert response.headers["access-control-allow-origin"] == "http://app.example"
+    assert "x-fal-request-id" in response.headers["access-control-expose-headers"]
+    other = client.options(
+        f"{cors_url}/stream", headers={"origin": "http://evil.example", "access-control-request-method": "POST"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_is_off_by_default(local_url: str, client: httpx.Client) -> None:
+    response = client.post(f"{local_url}/", json=SMALL, headers={"origin": "http://app.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_openapi_documents_request_examples_and_event_schemas(local_url: str, client: httpx.Client) -> None:
+    spec = client.get(f"{local_url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["GenerationRequest"]["examples"][0]["prompt"] == "a red fox"
+    assert {"PreviewEvent", "FinalEvent", "ErrorBody"} <= set(schemas)
+    stream_doc = json.dumps(spec["paths"]["/stream"]["post"]["responses"]["200"])
+    assert "text/event-stream" in stream_doc and "PreviewEvent" in stream_doc and "FinalEvent" in stream_doc
+    docs = client.get(f"{local_url}/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# --- Metrics ----------------------------------------------------------------------------------
+
+
+def test_custom_metrics_are_exported(local_url: str, serve_harness: ServeHarness) -> None:
+    burst = {**SMALL, "num_inference_steps": 20}
+
+    def post(_: int) -> int:
+        with httpx.Client(timeout=120) as client:
+            return client.post(f"{local_url}/stream", json=burst).status_code
+
+    with ThreadPoolExecutor(12) as pool:  # 1 running + 8 queued (configs/local.yaml): some are rejected
+        statuses = list(pool.map(post, range(12)))
+    assert 503 in statuses
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {
+        "ray_sdxl_time_to_first_preview_seconds_bucket",
+        "ray_sdxl_denoising_steps_per_second_bucket",
+        "ray_sdxl_preview_encode_seconds_bucket",
+        "ray_sdxl_requests_total",
+        "ray_sdxl_rejections_total",
+    }
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_sdxl_")}
+        if wanted <= found:
+            break
+        time.sleep(2)
+    assert wanted <= found
+    assert 'outcome="completed"' in text and 'reason="overloaded"' in text
