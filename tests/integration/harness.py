@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,12 @@ def sdxl_stats(app_name: str, timeout_s: float = 60) -> dict:
     """
     handle = serve.get_deployment_handle("SDXLDeployment", app_name)
     deadline = time.monotonic() + timeout_s
-    while (stats := handle.stats.remote().result(timeout_s=timeout_s))["busy"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # On a thread of its own: callers may run an asyncio loop (Playwright), where `.result()` refuses.
+    with ThreadPoolExecutor(1) as thread:
+        while (stats := thread.submit(handle.stats.remote().result, timeout_s=timeout_s).result())["busy"]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     return stats
 
 
