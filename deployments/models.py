@@ -11,10 +11,11 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionXLPipeline
 
+from deployments.random_sdxl import build_random_sdxl
 from deployments.tiny import PREVIEW_DECODER_SUBDIR, default_cache_dir, ensure_tiny_model
-from serve_app.config import TAESDXL, TINY_MODEL, AppConfig
+from serve_app.config import RANDOM_SDXL, TAESDXL, TINY_MODEL, AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,35 @@ def load_models(config: AppConfig) -> LoadedModels:
     dtype = resolve_dtype(config.dtype, device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    tiny_dir = _tiny_dir(config) if TINY_MODEL in (config.model, config.preview_decoder) else None
-
-    pipeline = StableDiffusionXLPipeline.from_pretrained(
-        _local_or_hub(config.model, tiny_dir), torch_dtype=dtype, **_hub_options(config.model, config, dtype)
-    )
+    if config.model == RANDOM_SDXL:
+        pipeline, decoder = build_random_sdxl(device, dtype)
+    else:
+        pipeline, decoder = _load_pretrained(config, dtype)
     if config.scheduler:
         scheduler_class = getattr(diffusers, config.scheduler)
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **config.scheduler_config)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
+    decoder.to(device).eval()
+    if device.type == "cuda":
+        _optimize_for_cuda(pipeline, decoder, config.compile)
+    logger.info("Loaded %s on %s as %s", config.model, device, dtype)
+    return LoadedModels(pipeline=pipeline, preview_decoder=decoder, device=device, dtype=dtype)
 
+
+def _load_pretrained(config: AppConfig, dtype: torch.dtype) -> tuple[StableDiffusionXLPipeline, AutoencoderTiny]:
+    tiny_dir = _tiny_dir(config) if TINY_MODEL in (config.model, config.preview_decoder) else None
+    overrides = {}
+    if config.vae:
+        overrides["vae"] = AutoencoderKL.from_pretrained(
+            config.vae, torch_dtype=dtype, **_hub_options(config.vae, config, dtype, variant=False)
+        )
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        _local_or_hub(config.model, tiny_dir),
+        torch_dtype=dtype,
+        **overrides,
+        **_hub_options(config.model, config, dtype),
+    )
     decoder_source = config.preview_decoder or (TINY_MODEL if config.model == TINY_MODEL else TAESDXL)
     if decoder_source == TINY_MODEL:
         decoder = AutoencoderTiny.from_pretrained(tiny_dir / PREVIEW_DECODER_SUBDIR, torch_dtype=dtype)
@@ -65,9 +84,18 @@ def load_models(config: AppConfig) -> LoadedModels:
         decoder = AutoencoderTiny.from_pretrained(
             decoder_source, torch_dtype=dtype, **_hub_options(decoder_source, config, dtype, variant=False)
         )
-    decoder.to(device).eval()
-    logger.info("Loaded %s (previews: %s) on %s as %s", config.model, decoder_source, device, dtype)
-    return LoadedModels(pipeline=pipeline, preview_decoder=decoder, device=device, dtype=dtype)
+    return pipeline, decoder
+
+
+def _optimize_for_cuda(pipeline: StableDiffusionXLPipeline, decoder: AutoencoderTiny, compile_models: bool) -> None:
+    """Channels-last convolutions (diffusers already uses SDPA attention); optionally compiled graphs."""
+    for module in (pipeline.unet, pipeline.vae, decoder):
+        module.to(memory_format=torch.channels_last)
+    if pipeline.vae.config.force_upcast and pipeline.vae.dtype == torch.float16:
+        logger.info("SDXL's VAE upcasts to float32 to decode; set `vae: madebyollin/sdxl-vae-fp16-fix` to avoid it")
+    if compile_models:
+        pipeline.unet = torch.compile(pipeline.unet)
+        pipeline.vae.decode = torch.compile(pipeline.vae.decode)
 
 
 def _tiny_dir(config: AppConfig) -> Path:

@@ -72,16 +72,16 @@ def write_tiny_model(directory: Path) -> None:
         vae=_vae(),
         text_encoder=_text_encoder(CLIPTextModel, projection_dim=None, seed=_SEED + 1),
         text_encoder_2=_text_encoder(CLIPTextModelWithProjection, TEXT_HIDDEN, seed=_SEED + 2),
-        tokenizer=_tokenizer(),
-        tokenizer_2=_tokenizer(),
+        tokenizer=byte_level_clip_tokenizer(),
+        tokenizer_2=byte_level_clip_tokenizer(),
         unet=_unet(),
-        scheduler=_scheduler(),
+        scheduler=sdxl_scheduler(),
     )
     pipeline.save_pretrained(directory)
     _preview_decoder().save_pretrained(directory / PREVIEW_DECODER_SUBDIR)
 
 
-def _tokenizer() -> CLIPTokenizer:
+def byte_level_clip_tokenizer() -> CLIPTokenizer:
     """A byte-level CLIP tokenizer over a generated vocabulary (bytes, word ends, specials)."""
     byte_chars = _bytes_to_unicode()
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
@@ -178,7 +178,7 @@ def _preview_decoder() -> AutoencoderTiny:
     )
 
 
-def _scheduler() -> EulerDiscreteScheduler:
+def sdxl_scheduler() -> EulerDiscreteScheduler:
     """SDXL base 1.0's scheduler configuration."""
     return EulerDiscreteScheduler(
         num_train_timesteps=1000,

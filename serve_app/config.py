@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TINY_MODEL = "tiny"
+RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timing only
 TAESDXL = "madebyollin/taesdxl"
 
 
@@ -19,7 +20,8 @@ class AppConfig(BaseModel):
 
     model: str = Field(
         default=TINY_MODEL,
-        description="'tiny' (built-in, offline), a local diffusers directory, or a Hugging Face id.",
+        description="'tiny' (built-in, offline), 'sdxl-random' (full-size, random weights, for timing), "
+        "a local diffusers directory, or a Hugging Face id.",
     )
     preview_decoder: str | None = Field(
         default=None,
@@ -34,6 +36,19 @@ class AppConfig(BaseModel):
         default=None, description="Weights variant, e.g. 'fp16'; default: 'fp16' for float16 hub models."
     )
     cache_dir: str | None = Field(default=None, description="Where the tiny model and hub downloads are kept.")
+    vae: str | None = Field(
+        default=None,
+        description="A replacement VAE (directory or hub id), e.g. madebyollin/sdxl-vae-fp16-fix, "
+        "which decodes in float16 without SDXL's float32 upcast.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    warmup_size: int | None = Field(
+        default=None,
+        ge=128,
+        le=2048,
+        description="Run a short generation of this size at replica start (compilation, CUDA kernels), "
+        "so the first user does not pay for it.",
+    )
     scheduler: str | None = Field(
         default=None, description="A diffusers scheduler class name to replace the model's own (few-step models)."
     )

@@ -16,7 +16,7 @@ REQUEST = {"prompt": "a red fox", "num_inference_steps": 3, "width": 128, "heigh
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("cache")
-    return SDXLDeployment.func_or_class(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    return SDXLDeployment.func_or_class(AppConfig(model="tiny", device="cpu", cache_dir=str(cache), warmup_size=128))
 
 
 def collect(replica, request: dict = REQUEST, previews: bool = True) -> list[dict]:
