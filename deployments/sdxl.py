@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import psutil
+import ray
 import torch
 from ray import serve
 
@@ -34,6 +35,7 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment
 class SDXLDeployment:
     def __init__(self, config: AppConfig) -> None:
+        started = time.perf_counter()
         self._config = config
         self._models = load_models(config)
         self._metrics = SDXLMetrics()
@@ -48,6 +50,7 @@ class SDXLDeployment:
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self._pipeline_slot = asyncio.Lock()
         self._unusable_reason: str | None = None
+        self._startup_seconds = time.perf_counter() - started  # model load (+ warm-up)
         self._outcomes: Counter[str] = Counter()
         self._steps_run = 0
 
@@ -103,6 +106,9 @@ class SDXLDeployment:
         """Counters for operators and tests: outcomes, steps run, and what could leak (threads, memory)."""
         return {
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self._models.device),
+            "startup_seconds": self._startup_seconds,
             "outcomes": dict(self._outcomes),
             "steps_run": self._steps_run,
             "busy": self._pipeline_slot.locked(),

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 # Bump when the layout or sizes below change, so stale caches are not reused.
-TINY_MODEL_VERSION = "v1"
+TINY_MODEL_VERSION = "v2"
 PREVIEW_DECODER_SUBDIR = "preview_decoder"
 _SEED = 20261124
 
@@ -164,13 +164,18 @@ def _vae() -> AutoencoderKL:
 
 
 def _preview_decoder() -> AutoencoderTiny:
-    """TAESD's shape (three 2x upsamples, 4 latent channels) with fewer channels."""
+    """TAESD's shape (three 2x upsamples, 4 latent channels) with fewer channels.
+
+    Two channels keep its cost next to the tiny UNet's near the real ratio: a 512x512 preview
+    decodes in about 20 ms on 2 CPU cores against about 100 ms for a step (real TAESDXL: a few
+    percent of an SDXL step). With 8 channels it took 65 ms and made previews look expensive.
+    """
     torch.manual_seed(_SEED + 5)
     return AutoencoderTiny(
         in_channels=3,
         out_channels=3,
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
+        encoder_block_out_channels=(2, 2, 2, 2),
+        decoder_block_out_channels=(2, 2, 2, 2),
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
         latent_channels=4,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app.schemas import GenerationRequest
 
 TINY_MODEL = "tiny"
 RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timing only
@@ -53,6 +55,11 @@ class AppConfig(BaseModel):
         default=None, description="A diffusers scheduler class name to replace the model's own (few-step models)."
     )
     scheduler_config: dict = Field(default_factory=dict, description="Overrides for the scheduler's config.")
+    request_defaults: dict = Field(
+        default_factory=dict,
+        description="Defaults for request fields a client leaves out, e.g. a few-step model's "
+        "{num_inference_steps: 4, guidance_scale: 0.0}; what a client sends always wins.",
+    )
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in each SDXL replica.")
 
     preview_interval: int = Field(default=5, ge=1, le=50, description="Default steps between previews.")
@@ -87,3 +94,14 @@ class AppConfig(BaseModel):
         description="How long /stream waits for the first event before committing to HTTP 200, "
         "so that a rejected or failed request still gets a proper status code.",
     )
+
+    @field_validator("request_defaults")
+    @classmethod
+    def _defaults_are_valid_request_fields(cls, defaults: dict) -> dict:
+        GenerationRequest.model_validate({"prompt": "check", **defaults})  # unknown or bad values fail here
+        return defaults
+
+    def apply_request_defaults(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with `request_defaults` filled in where the client sent nothing."""
+        missing = {key: value for key, value in self.request_defaults.items() if key not in request.model_fields_set}
+        return request.model_copy(update=missing) if missing else request

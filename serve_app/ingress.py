@@ -161,6 +161,7 @@ class SDXLIngress:
     )
     async def stream(self, body: GenerationRequest):
         """Stream previews every few steps, then the final image as the last event."""
+        body = self._config.apply_request_defaults(body)
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump())
         first = asyncio.ensure_future(asyncio.wait_for(_next_event(events), self._config.queue_timeout_s))
         try:
@@ -182,6 +183,7 @@ class SDXLIngress:
     @app.post("/", response_model=GenerationResult, responses=ERROR_RESPONSES)
     async def run(self, body: GenerationRequest):
         """Generate and return the finished image as JSON (no stream)."""
+        body = self._config.apply_request_defaults(body)
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump(), previews=False)
         try:
             # Without previews the only event is the result: bound the wait for a replica plus the run.

@@ -13,7 +13,9 @@ from serve_app.config import AppConfig
 from serve_app.ingress import SDXLIngress
 
 REPO = Path(__file__).resolve().parents[1]
+KUBERAY = REPO / "configs" / "kuberay-rayservice.yaml"
 CONFIGS = sorted([REPO / "serve_config.yaml", *(REPO / "configs").glob("*.yaml")])
+CONFIGS.remove(KUBERAY)
 DEPLOYMENT_NAMES = {SDXLIngress.name, SDXLDeployment.name}
 
 
@@ -42,3 +44,39 @@ def test_local_config_is_the_offline_cpu_default() -> None:
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
     args = AppConfig.model_validate(config["applications"][0]["args"])
     assert (args.model, args.device) == ("tiny", "cpu")
+
+
+def test_kuberay_service_runs_the_production_serve_config() -> None:
+    manifest = yaml.safe_load(KUBERAY.read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert serve_config == yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(serve_config)
+
+    cluster = manifest["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas go to workers
+    (workers,) = cluster["workerGroupSpecs"]
+    worker = workers["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Weights come from a shared volume that HF_HOME points into, offline.
+    mounts = {mount["name"]: mount["mountPath"] for mount in worker["volumeMounts"]}
+    env = {item["name"]: item.get("value") for item in worker["env"]}
+    assert env["HF_HOME"].startswith(mounts["models"]) and env["HF_HUB_OFFLINE"] == "1"
+    volumes = {volume["name"]: volume for volume in workers["template"]["spec"]["volumes"]}
+    assert "persistentVolumeClaim" in volumes["models"]
+    assert workers["maxReplicas"] >= max(
+        d["autoscaling_config"]["max_replicas"]
+        for d in serve_config["applications"][0]["deployments"]
+        if "autoscaling_config" in d
+    )
+
+
+def test_few_step_variant_is_configuration_only() -> None:
+    turbo = yaml.safe_load((REPO / "configs" / "sdxl-turbo.yaml").read_text())["applications"][0]
+    base = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]
+    assert turbo["import_path"] == base["import_path"]
+    config = AppConfig.model_validate(turbo["args"])
+    assert config.scheduler == "EulerAncestralDiscreteScheduler"
+    assert config.request_defaults["num_inference_steps"] <= 4 and config.request_defaults["guidance_scale"] == 0

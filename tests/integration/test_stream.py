@@ -104,3 +104,27 @@ def test_health_is_ok_once_loaded(local_url: str, client: httpx.Client) -> None:
     response = client.get(f"{local_url}/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+@pytest.fixture(scope="module")
+def turbo_url(serve_harness):
+    """configs/sdxl-turbo.yaml with the tiny model on the CPU: the few-step configuration path."""
+    yield serve_harness.deploy(
+        "turbo",
+        "/turbo",
+        config_file="configs/sdxl-turbo.yaml",
+        args={"model": "tiny", "preview_decoder": "tiny", "device": "cpu", "dtype": "auto", "warmup_size": 128},
+        deployments={
+            "SDXLIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+            "SDXLDeployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0}},
+        },
+    )
+    serve_harness.remove("turbo")
+
+
+def test_few_step_config_applies_its_request_defaults(turbo_url: str, client: httpx.Client) -> None:
+    events = [event.data for event in stream_events(client, f"{turbo_url}/stream", {"prompt": "a fox"})]
+    assert [event.get("step") for event in events] == [0, 1, 2, 3, None]  # 4 steps, a preview each
+    assert decode_image(events[-1]["image"]).size == (512, 512)
+    sent = list(stream_events(client, f"{turbo_url}/stream", {"prompt": "a fox", "num_inference_steps": 2}))
+    assert len(sent) == 3  # what the client sends wins

@@ -1,0 +1,110 @@
+"""Autoscaling under sustained streaming load, shown: replica count over time next to offered load.
+
+    python -m benchmarks.autoscaling
+
+One Ray node declaring 3 logical GPUs (so at most 3 one-GPU replicas fit, whatever `max_replicas`
+says), the production deployment settings with shorter delays so the demo takes two minutes, and
+the tiny model on the CPU. Load: 1 client, then 6 clients streaming back to back, then none.
+Writes benchmarks/results/autoscaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import ray
+from ray import serve
+
+from tests.integration.harness import ServeHarness, free_port, stream_events
+
+AUTOSCALING = {
+    "min_replicas": 1,
+    "initial_replicas": 1,
+    "max_replicas": 4,  # more than the 3 GPUs: the cluster, not the config, is the bound here
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 3,
+    "downscale_delay_s": 20,
+}
+PHASES = [(10, 1), (50, 6), (60, 0)]  # (seconds, concurrent clients)
+BODY = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 10}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/autoscaling.md"))
+    args = parser.parse_args()
+
+    ray.init(num_cpus=8, num_gpus=3, include_dashboard=False, log_to_driver=False)
+    harness = ServeHarness(free_port())
+    url = harness.deploy(
+        "sdxl",
+        "/",
+        config_file="serve_config.yaml",
+        args={
+            "model": "tiny",
+            "preview_decoder": "tiny",
+            "device": "auto",
+            "dtype": "auto",
+            "warmup_size": None,
+            "torch_threads": 1,
+        },  # fmt: skip
+        deployments={
+            "SDXLIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+            "SDXLDeployment": {"autoscaling_config": AUTOSCALING, "ray_actor_options": {"num_gpus": 1, "num_cpus": 0}},
+        },
+    )
+
+    offered = {"clients": 0}
+    stop = threading.Event()
+    completed = [0]
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            while not stop.is_set() and index < offered["clients"]:
+                list(stream_events(http, f"{url}/stream", BODY))
+                completed[0] += 1
+
+    samples = []
+    threads: list[threading.Thread] = []
+    started = time.monotonic()
+    for seconds, clients in PHASES:
+        offered["clients"] = clients
+        threads = [t for t in threads if t.is_alive()]
+        for index in range(len(threads), clients):
+            thread = threading.Thread(target=client, args=(index,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        phase_end = time.monotonic() + seconds
+        while time.monotonic() < phase_end:
+            states = serve.status().applications["sdxl"].deployments["SDXLDeployment"].replica_states
+            samples.append((time.monotonic() - started, clients, states.get("RUNNING", 0), sum(states.values())))
+            time.sleep(2)
+    stop.set()
+
+    lines = [
+        "# Autoscaling under streaming load (tiny model, 1 node with 3 logical GPUs)",
+        "",
+        f"`python -m benchmarks.autoscaling`; autoscaling_config: `{AUTOSCALING}`; "
+        f"each replica `num_gpus: 1`; {completed[0]} streams completed.",
+        "",
+        "| t (s) | clients | running replicas | replicas incl. pending | |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {t:5.0f} | {c} | {r} | {a} | {'#' * r} |" for t, c, r, a in samples]
+    peak = max(r for _, _, r, _ in samples)
+    final = samples[-1][2]
+    lines += ["", f"Peak running replicas: {peak} (bounded by 3 GPUs); at the end: {final}."]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    ray.shutdown()
+    raise SystemExit(0 if peak == 3 and final == 1 else 1)
+
+
+if __name__ == "__main__":
+    main()
