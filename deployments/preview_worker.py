@@ -1,8 +1,11 @@
-"""A replica's preview encoder: decodes and encodes previews on its own thread.
+"""A replica's preview encoder: decodes and encodes previews off the denoising loop.
 
-The denoising loop only hands over a copy of the latents and goes on. If the encoder
-falls behind, a newer preview replaces the one still waiting (stale previews are dropped,
-never queued), so a slow decoder can neither stall nor flood a stream.
+On a GPU the loop only hands over a copy of the latents: the TAESD decode runs on a side CUDA
+stream and the JPEG/base64 encoding on this worker's thread, both overlapping denoising. On a
+CPU there is no idle hardware to overlap with (a second decode thread only fights the loop's
+OpenMP threads for the same cores), so the small TAESD decode runs in the loop and only the
+encoding moves here. If the worker falls behind, a newer preview replaces the one still waiting
+(stale previews are dropped, never queued), so a slow encoder can neither stall nor flood a stream.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class PreviewJob:
     deliver: Callable[[dict], None]
     fail: Callable[[BaseException], None]
     ready: torch.cuda.Event | None = None  # recorded after the copy on the producing CUDA stream
+    pixels: torch.Tensor | None = None  # already decoded (CPU): the worker only encodes
+    decode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,16 @@ class PreviewWorker:
         self._thread.start()
 
     def submit(self, job: PreviewJob) -> None:
+        if self._stream is None:  # CPU: decode here, in the loop (see the module docstring)
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    job.pixels = latents_to_pixels(self._decoder, job.latents)
+            except Exception as error:  # noqa: BLE001 - reported to the run, which ends the stream
+                logger.exception("Preview for step %d failed", job.step)
+                job.fail(error)
+                return
+            job.decode_seconds = time.perf_counter() - started
         with self._condition:
             if self._pending is not None:
                 self.dropped += 1
@@ -86,7 +101,7 @@ class PreviewWorker:
                 started = time.perf_counter()
                 event = self.render(job)
                 if self._on_rendered is not None:
-                    self._on_rendered(time.perf_counter() - started)
+                    self._on_rendered(job.decode_seconds + time.perf_counter() - started)
                 job.deliver(event)
             except BaseException as error:  # noqa: BLE001 - reported to the run, which ends the stream
                 logger.exception("Preview for step %d failed", job.step)
@@ -97,15 +112,13 @@ class PreviewWorker:
                     self._condition.notify_all()
 
     def render(self, job: PreviewJob) -> dict:
-        """Decode on a side CUDA stream when on a GPU, so denoising kernels are not held up."""
-        with torch.inference_mode():
-            if self._stream is None:
+        """Decode on a side CUDA stream (GPU) unless decoded already (CPU), then encode."""
+        pixels = job.pixels
+        if pixels is None:
+            with torch.inference_mode(), torch.cuda.stream(self._stream):
+                if job.ready is not None:
+                    self._stream.wait_event(job.ready)
                 pixels = latents_to_pixels(self._decoder, job.latents)
-            else:
-                with torch.cuda.stream(self._stream):
-                    if job.ready is not None:
-                        self._stream.wait_event(job.ready)
-                    pixels = latents_to_pixels(self._decoder, job.latents)
         image = pixels_to_image(pixels, self._settings.max_size)
         return {
             "type": "preview",
