@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+import ray
 import yaml
 from ray import serve
 from ray.cluster_utils import Cluster
@@ -56,12 +57,15 @@ def replica_nodes(expected: int, timeout_s: float = 120) -> dict[int, str]:
 
 def wait_replicas_running(count: int, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
+    states: dict = {}
     while time.monotonic() < deadline:
-        status = serve.status().applications["sdxl"].deployments["SDXLDeployment"]
-        if status.replica_states.get("RUNNING", 0) == count:
+        app = serve.status().applications.get("sdxl")
+        deployment = app.deployments.get("SDXLDeployment") if app else None  # absent while building
+        states = deployment.replica_states if deployment else {}
+        if states.get("RUNNING", 0) == count:
             return
         time.sleep(1)
-    raise TimeoutError(f"not {count} running replicas: {status.replica_states}")
+    raise TimeoutError(f"not {count} running replicas: {states}")
 
 
 def main() -> None:
@@ -130,8 +134,8 @@ def main() -> None:
     placed = replica_nodes(2)
     findings["rescheduled_on_new_node"] = replacement.node_id in placed.values()
     findings["dead_node_unused"] = doomed.node_id not in placed.values()
-    print(json.dumps(findings))
-    serve.shutdown()
+    print(json.dumps(findings), flush=True)
+    ray.shutdown()  # disconnect the driver first: removing the head it is connected to raises
     cluster.shutdown()
 
 
