@@ -37,6 +37,7 @@ logger = logging.getLogger("ray.serve")
 ERROR_STATUS = {"deadline_exceeded": 504, "out_of_memory": 503, "replica_failed": 502}
 HEALTH_CACHE_S = 1.0
 PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
+OVERLOADED = "all replicas are busy and the queue is full; retry later"
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
 app = FastAPI(
@@ -149,7 +150,7 @@ async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
 class SDXLIngress:
     def __init__(self, sdxl: DeploymentHandle, config: AppConfig) -> None:
         self._sdxl = sdxl
-        self.config = self._config = config
+        self.config = config  # read by the middlewares too
         self._metrics = IngressMetrics()
         self._health: tuple[float, bool] = (0.0, False)
         self.api_keys = ApiKeys.from_config(config)
@@ -161,12 +162,12 @@ class SDXLIngress:
     )
     async def stream(self, body: GenerationRequest):
         """Stream previews every few steps, then the final image as the last event."""
-        body = self._config.apply_request_defaults(body)
+        body = self.config.apply_request_defaults(body)
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump())
-        first = asyncio.ensure_future(asyncio.wait_for(_next_event(events), self._config.queue_timeout_s))
+        first = asyncio.ensure_future(asyncio.wait_for(_next_event(events), self.config.queue_timeout_s))
         try:
             # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
-            await asyncio.wait({first}, timeout=self._config.first_event_wait_s)
+            await asyncio.wait({first}, timeout=self.config.first_event_wait_s)
             if first.done() and isinstance(first.exception(), Overloaded):
                 return self._reject_overloaded(first.exception())
         except BaseException:
@@ -175,7 +176,7 @@ class SDXLIngress:
             raise
         return EventSourceResponse(
             self._relay(first, events),
-            ping=self._config.keepalive_s,
+            ping=self.config.keepalive_s,
             ping_message_factory=keepalive_comment,
             sep=SEPARATOR,
         )
@@ -183,11 +184,11 @@ class SDXLIngress:
     @app.post("/", response_model=GenerationResult, responses=ERROR_RESPONSES)
     async def run(self, body: GenerationRequest):
         """Generate and return the finished image as JSON (no stream)."""
-        body = self._config.apply_request_defaults(body)
+        body = self.config.apply_request_defaults(body)
         events = self._sdxl.options(stream=True).generate.remote(body.model_dump(), previews=False)
         try:
             # Without previews the only event is the result: bound the wait for a replica plus the run.
-            timeout_s = self._config.queue_timeout_s + self._config.request_timeout_s
+            timeout_s = self.config.queue_timeout_s + self.config.request_timeout_s
             event = await asyncio.wait_for(_next_event(events), timeout_s)
         except Overloaded as error:
             return self._reject_overloaded(error)
@@ -210,8 +211,7 @@ class SDXLIngress:
     def _reject_overloaded(self, error: Overloaded) -> JSONResponse:
         self.count_rejection("overloaded")
         retry_after = str(max(1, round(error.retry_after_s or 1)))
-        detail = "all replicas are busy and the queue is full; retry later"
-        return error_response(503, detail, "overloaded", {"Retry-After": retry_after})
+        return error_response(503, OVERLOADED, "overloaded", {"Retry-After": retry_after})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:
@@ -247,10 +247,10 @@ class SDXLIngress:
             yield error_event("the stream ended without a result", "internal_error")
         except Overloaded:
             self.count_rejection("overloaded")
-            yield error_event("all replicas are busy and the queue is full; retry later", "overloaded")
+            yield error_event(OVERLOADED, "overloaded")
         except TimeoutError:
             self.count_rejection("queue_timeout")
-            detail = f"no model replica took the request within {self._config.queue_timeout_s:g} s"
+            detail = f"no model replica took the request within {self.config.queue_timeout_s:g} s"
             yield error_event(detail, "queue_timeout")
         except RayActorError as error:
             logger.warning("SDXL replica failed mid-stream: %s", error)

@@ -133,7 +133,9 @@ def test_overload_gets_503_with_retry_after_and_accepted_requests_complete(stric
     rejected = [result for result in results if result["status"] == 503]
     accepted = [result for result in results if result["status"] == 200]
     assert len(rejected) + len(accepted) == 8
-    assert 3 <= len(rejected) <= 5  # capacity: 1 running + 2 queued (+ whatever finished meanwhile)
+    # Capacity is 1 running + 2 queued. Serve may reject a little more than that when requests
+    # arrive together (its router counts them queued until assigned), never admit more.
+    assert 3 <= len(rejected) <= 7 and len(accepted) >= 1
     for result in rejected:
         assert result["headers"]["content-type"] == "application/json"
         assert int(result["headers"]["retry-after"]) >= 1
@@ -146,9 +148,20 @@ def test_overload_gets_503_with_retry_after_and_accepted_requests_complete(stric
         data_events = [chunk for chunk in result["raw"].split("\n\n") if chunk.startswith("data: ")]
         assert '"type":"final"' in data_events[-1]
         assert "event: error" not in result["raw"]
-    if path == "/stream":
-        # Those that waited for the replica got keepalive comments before their first event.
-        assert any(result["raw"].startswith(": keepalive") for result in accepted)
+
+
+def test_waiting_stream_gets_keepalives_before_its_first_event(strict_url: str) -> None:
+    long = {**SMALL, "num_inference_steps": 40, "width": 512, "height": 512}
+    with httpx.Client(timeout=120) as busy, httpx.Client(timeout=120) as waiting:
+        running = stream_events(busy, f"{strict_url}/stream", long)
+        next(running)  # the only replica is now busy for a few seconds
+        with waiting.stream("POST", f"{strict_url}/stream", json=SMALL) as response:
+            assert response.status_code == 200  # committed after first_event_wait_s (0.3 s)
+            raw = response.read().decode()
+        running.close()
+    assert raw.startswith(": keepalive")  # sent every keepalive_s (0.5 s) while it waited
+    data_events = [chunk for chunk in raw.split("\n\n") if chunk.startswith("data: ")]
+    assert '"type":"final"' in data_events[-1]
 
 
 def test_replica_crash_mid_stream_is_an_error_event_and_service_recovers(
