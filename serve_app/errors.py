@@ -4,10 +4,9 @@ from __future__ import annotations
 
 
 class GenerationError(Exception):
-    """A generation failed; `error_type` is what clients see, `status_code` what `POST /` returns."""
+    """A generation failed; `error_type` is what clients see (the ingress maps it to `POST /`'s status)."""
 
     error_type = "generation_failed"
-    status_code = 500
 
     def to_event(self) -> dict:
         return {"detail": str(self) or self.error_type, "error_type": self.error_type}
@@ -15,7 +14,6 @@ class GenerationError(Exception):
 
 class DeadlineExceeded(GenerationError):
     error_type = "deadline_exceeded"
-    status_code = 504
 
 
 class GenerationCancelled(Exception):
