@@ -93,13 +93,22 @@ class SDXLDeployment:
     def _warm_up(self, size: int) -> None:
         """Pay first-call costs (torch.compile, CUDA kernel selection) before Serve marks the replica ready."""
         started = time.perf_counter()
-        models = self._models
+        decoder = self._models.preview_decoder
+
+        def decode_a_preview(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+            latents_to_pixels(decoder, callback_kwargs["latents"])
+            return {}
+
+        # The pipeline's own decode path (with SDXL's VAE upcast), as a real request runs it.
         with torch.inference_mode():
-            output = models.pipeline(
-                prompt="warm-up", num_inference_steps=2, width=size, height=size, output_type="latent"
+            self._models.pipeline(
+                prompt="warm-up",
+                num_inference_steps=2,
+                width=size,
+                height=size,
+                output_type="pt",
+                callback_on_step_end=decode_a_preview,
             )
-            models.pipeline.vae.decode(output.images / models.pipeline.vae.config.scaling_factor)
-            latents_to_pixels(models.preview_decoder, output.images)
         logger.info("Warmed up at %dx%d in %.1f s", size, size, time.perf_counter() - started)
 
     def stats(self) -> dict:
