@@ -3,8 +3,9 @@
     python -m benchmarks.overhead                 # tiny model on this machine's CPU
     python -m benchmarks.overhead --model sdxl-random --size 1024 --steps 30   # on a GPU
 
-Measures (variants interleaved so drift hits all alike; ratios from the best of --reps, which on a
-shared, noisy host estimates the true cost better than the median; medians and spread shown too):
+Measures, in --reps rounds that each run every variant once back to back (order rotated per round);
+a ratio is the median over rounds of the ratio within a round, so the host's drift between rounds
+cancels (on a shared VM the same call varies by 15-35% from one minute to the next):
   1. the bare StableDiffusionXLPipeline call, no callback (the floor);
   2. our run in-process (GenerationRun + PreviewWorker): previews off, every 5 steps, every step;
   3. end to end over HTTP SSE through the Serve proxy, ingress and SDXL deployment (configs/local.yaml);
@@ -25,7 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -93,13 +96,18 @@ def step_seconds(models: LoadedModels, body: dict) -> float:
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
 
+# The replica's pipeline thread lives as long as the replica; so does this one. (A fresh thread per
+# run measured 4.6% slower on the bare call: each new thread builds its own OpenMP team.)
+PIPELINE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
+
+
 def ours(models: LoadedModels, previews: PreviewWorker, body: dict, interval: int) -> float:
     async def run() -> float:
         generation = GenerationRun(
             models, previews, GenerationRequest(**body), PreviewSchedule(interval), 95, timeout_s=3600
         )
         started = time.perf_counter()
-        done = asyncio.get_running_loop().run_in_executor(None, generation.execute)
+        done = asyncio.get_running_loop().run_in_executor(PIPELINE_THREAD, generation.execute)
         while await generation.next_event() is not None:
             pass
         await done
@@ -110,18 +118,24 @@ def ours(models: LoadedModels, previews: PreviewWorker, body: dict, interval: in
 
 def over_http(url: str, body: dict) -> tuple[float, float, float | None]:
     """(time to the first SSE data event, time to the end of the stream) seen by the client, and
-    the replica's own `timings.total` from our final event (None for the reference app)."""
-    started = time.perf_counter()
-    first = None
-    last = ""
-    with httpx.Client(timeout=600) as client, client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                first = first if first is not None else time.perf_counter() - started
-                last = line
+    the replica's own `timings.total` from our final event (None for the reference app).
+
+    The client is built before the clock starts: building one costs ~55 ms here (its SSL context),
+    a cost of the client process, not of the service. Each request still opens its own connection.
+    """
+    with httpx.Client(timeout=600) as client:
+        started = time.perf_counter()
+        first = None
+        last = ""
+        with client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    first = first if first is not None else time.perf_counter() - started
+                    last = line
+        finished = time.perf_counter() - started
     replica = json.loads(last[len("data:") :]).get("timings", {}).get("total")
-    return first, time.perf_counter() - started, replica
+    return first, finished, replica
 
 
 def _sync(models: LoadedModels) -> None:
@@ -169,6 +183,64 @@ def throughput(url: str, body: dict, clients: int, per_client: int) -> float:
     return clients * per_client / (time.perf_counter() - started) * 60
 
 
+BARE = "bare pipeline (1)"
+EVERY_5 = "ours in-process, previews every 5 (2)"
+EVERY_STEP = "ours in-process, previews every step (2')"
+SERVE = "Serve SSE end to end (3)"
+REFERENCE = "reference pattern, uvicorn (4)"
+SETTLE_S = 1.0  # before each measurement: the previous one's trailing work (logs, metrics) ends first
+
+
+@dataclass(frozen=True)
+class Sample:
+    total: float
+    first_event: float | None = None
+    replica_total: float | None = None  # our final event's `timings.total` (Serve only)
+
+
+Round = dict[str, Sample]  # every variant once, back to back, plus "step": one denoising step
+
+
+def measure_round(variants: dict[str, Callable], models: LoadedModels, body: dict, index: int) -> Round:
+    """Each variant once, in an order rotated per round so no variant always follows another."""
+    names = list(variants)
+    names = names[index % len(names) :] + names[: index % len(names)]
+    measured: Round = {}
+    for name in names:
+        time.sleep(SETTLE_S)
+        value = variants[name]()
+        if isinstance(value, tuple):  # over HTTP: (first event, total, replica's own total)
+            measured[name] = Sample(total=value[1], first_event=value[0], replica_total=value[2])
+        else:
+            measured[name] = Sample(total=value)
+    measured["step"] = Sample(step_seconds(models, body))
+    return measured
+
+
+def best(rounds: list[Round], name: str) -> float:
+    """The fastest run: this host's noise only ever slows a run down, so the minimum is the cost."""
+    return min(r[name].total for r in rounds)
+
+
+def ratio(rounds: list[Round], name: str, base: str) -> tuple[float, float]:
+    """`name` over `base` two ways: best run over best run, and the median over rounds of the ratio
+    within a round (drift of the host between rounds cancels)."""
+    return best(rounds, name) / best(rounds, base), statistics.median(r[name].total / r[base].total for r in rounds)
+
+
+def first_event_over_step(rounds: list[Round], name: str) -> tuple[float, float]:
+    """Time to first event minus one denoising step, in ms: best of each, and median within rounds."""
+    fastest = min(r[name].first_event for r in rounds) - min(r["step"].total for r in rounds)
+    within = statistics.median(r[name].first_event - r["step"].total for r in rounds)
+    return fastest * 1000, within * 1000
+
+
+def first_event_row(rounds: list[Round], name: str) -> float | None:
+    if rounds[0][name].first_event is None:
+        return None
+    return statistics.median(r[name].first_event for r in rounds)
+
+
 def main() -> None:
     args = parse_args()
     config = AppConfig(model=args.model, device=args.device)
@@ -176,57 +248,47 @@ def main() -> None:
     previews = PreviewWorker(models.preview_decoder, PreviewSettings(512, 70))
     body = request_body(args)
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own instance, never a cluster
     harness = ServeHarness(free_port())
     serve_args = {"model": args.model, "device": args.device}
     base = harness.deploy("bench", "/", args=serve_args)
     reference, reference_url = start_reference(args)
 
     variants = {
-        "bare pipeline (1)": lambda: bare(models, body),
+        BARE: lambda: bare(models, body),
         "ours in-process, no previews": lambda: ours(models, previews, body, 0),
-        "ours in-process, previews every 5 (2)": lambda: ours(models, previews, body, 5),
-        "ours in-process, previews every step (2')": lambda: ours(models, previews, body, 1),
-        "Serve SSE end to end (3)": lambda: over_http(f"{base}/stream", body),
-        "reference pattern, uvicorn (4)": lambda: over_http(reference_url, body),
+        EVERY_5: lambda: ours(models, previews, body, 5),
+        EVERY_STEP: lambda: ours(models, previews, body, 1),
+        SERVE: lambda: over_http(f"{base}/stream", body),
+        REFERENCE: lambda: over_http(reference_url, body),
     }
-    samples: dict[str, list] = {name: [] for name in variants}
     for measure in variants.values():  # warm-up: first-call costs are not what we compare
         measure()
-    for _ in range(args.reps):
-        for name, measure in variants.items():
-            samples[name].append(measure())
+    rounds = [measure_round(variants, models, body, index) for index in range(args.reps)]
     reference.terminate()
-    step = step_seconds(models, body)
 
-    def totals(name: str) -> list[float]:
-        return [v[1] if isinstance(v, tuple) else v for v in samples[name]]
-
-    def total(name: str) -> float:
-        return min(totals(name))
-
-    def first_event(name: str) -> float:
-        return min(v[0] for v in samples[name])
-
-    floor = total("bare pipeline (1)")
     rows = [
-        (name, total(name), total(name) / floor, statistics.median(totals(name)), max(totals(name)))
+        (
+            name,
+            statistics.median(r[name].total for r in rounds),
+            best(rounds, name),
+            *ratio(rounds, name, BARE),
+            first_event_row(rounds, name),
+        )
         for name in variants
     ]
-    ratios = {
-        "(2) every 5 / (1)": total("ours in-process, previews every 5 (2)") / floor,
-        "(2') every step / (1)": total("ours in-process, previews every step (2')") / floor,
-        "(3) Serve SSE / (1)": total("Serve SSE end to end (3)") / floor,
-        "(3) Serve SSE / (4) reference": total("Serve SSE end to end (3)") / total("reference pattern, uvicorn (4)"),
-        "time to first event (3) - one step, ms": (first_event("Serve SSE end to end (3)") - step) * 1000,
-        "time to first event (4) - one step, ms": (first_event("reference pattern, uvicorn (4)") - step) * 1000,
-        "(3) client total - replica's own total (transport), ms, median": statistics.median(
-            (total_s - replica_s) * 1000 for _, total_s, replica_s in samples["Serve SSE end to end (3)"]
+    # Each ratio two ways: best of the rounds for each side, and the median of within-round ratios.
+    ratios: dict[str, tuple[float, float | None]] = {
+        "(2) every 5 / (1)": ratio(rounds, EVERY_5, BARE),
+        "(2') every step / (1)": ratio(rounds, EVERY_STEP, BARE),
+        "(3) Serve SSE / (1)": ratio(rounds, SERVE, BARE),
+        "(3) Serve SSE / (4) reference": ratio(rounds, SERVE, REFERENCE),
+        "time to first event (3) - one step, ms": first_event_over_step(rounds, SERVE),
+        "time to first event (4) - one step, ms": first_event_over_step(rounds, REFERENCE),
+        "(3) client total - replica's own total (transport), ms": (
+            min(r[SERVE].total - r[SERVE].replica_total for r in rounds) * 1000,
+            statistics.median(r[SERVE].total - r[SERVE].replica_total for r in rounds) * 1000,
         ),
-        "(3) replica's own total, best / (2) in-process": min(
-            replica_s for _, _, replica_s in samples["Serve SSE end to end (3)"]
-        )
-        / total("ours in-process, previews every 5 (2)"),
     }
 
     tput: dict[tuple[int, int], float] = {}
@@ -243,32 +305,41 @@ def main() -> None:
             over_http(f"{url}/stream", tput_body)  # warm-up
             for clients in (1, 2, 4):
                 tput[(replicas, clients)] = throughput(f"{url}/stream", tput_body, clients, args.requests_per_client)
-        ratios["throughput 2 replicas / 1, 4 clients"] = tput[(2, 4)] / tput[(1, 4)]
+        ratios["throughput 2 replicas / 1, 4 clients"] = (tput[(2, 4)] / tput[(1, 4)], None)
 
-    report = render(args, models, step, rows, samples, ratios, tput, first_event)
+    step = statistics.median(r["step"].total for r in rounds)
+    report = render(args, models, step, rows, ratios, tput)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     ray.shutdown()
 
 
-def render(args, models, step, rows, samples, ratios, tput, first_event) -> str:
+def render(args, models, step, rows, ratios, tput) -> str:
     device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     lines = [
         f"# Overhead benchmark: {args.model}, {args.steps} steps, {args.size}x{args.size}, {device}",
         "",
         f"`python -m benchmarks.overhead {' '.join(sys.argv[1:])}`; {platform.python_version()}, torch "
-        f"{torch.__version__}; best of {args.reps} (median and worst beside it); one denoising step "
-        f"(median): {step * 1000:.1f} ms.",
+        f"{torch.__version__}; {args.reps} rounds, each running every variant once back to back (order "
+        f"rotated). Ratios two ways: best run over best run (the host's noise only slows runs down), and "
+        f"the median over rounds of the ratio within a round (drift between rounds cancels). One denoising "
+        f"step (median): {step * 1000:.1f} ms.",
         "",
-        "| variant | best s | vs bare | median s | worst s | first event s (best) |",
+        "| variant | median s | best s | best / best of bare | vs bare, median within rounds | "
+        "first event s (median) |",
         "|---|---|---|---|---|---|",
     ]
-    for name, seconds, ratio, median, worst in rows:
-        first = f"{first_event(name):.3f}" if isinstance(samples[name][0], tuple) else ""
-        lines.append(f"| {name} | {seconds:.3f} | {ratio:.3f} | {median:.3f} | {worst:.3f} | {first} |")
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items()]
+    for name, median, fastest, ratio_best, ratio_paired, first in rows:
+        first_cell = "" if first is None else f"{first:.3f}"
+        lines.append(
+            f"| {name} | {median:.3f} | {fastest:.3f} | {ratio_best:.3f} | {ratio_paired:.3f} | {first_cell} |"
+        )
+    lines += ["", "| ratio | best of rounds | median within rounds |", "|---|---|---|"]
+    lines += [
+        f"| {name} | {fastest:.3f} | {'' if within is None else f'{within:.3f}'} |"
+        for name, (fastest, within) in ratios.items()
+    ]
     if tput:
         lines += [
             "",

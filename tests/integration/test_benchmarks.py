@@ -1,0 +1,50 @@
+"""The README's benchmark commands run and report every ratio (tiny settings: this checks they work,
+not what they measure; timings belong to the benchmarks themselves)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.harness import REPO
+
+NUMBER = r"-?\d+\.\d+"
+
+
+def run_benchmark(module: str, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # its own Ray instance
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_overhead_benchmark_reports_every_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.md"
+    run_benchmark("benchmarks.overhead", "--reps", "2", "--steps", "3", "--size", "256", "--skip-throughput",
+                  "--out", str(out))  # fmt: skip
+    report = out.read_text()
+    for ratio in (
+        r"\(2\) every 5 / \(1\)",
+        r"\(2'\) every step / \(1\)",
+        r"\(3\) Serve SSE / \(1\)",
+        r"\(3\) Serve SSE / \(4\) reference",
+        r"time to first event \(3\) - one step, ms",
+        r"time to first event \(4\) - one step, ms",
+    ):
+        assert re.search(rf"\| {ratio} \| {NUMBER} \| {NUMBER} \|", report), ratio
+    serve_row = re.search(rf"\| Serve SSE end to end \(3\) \|( {NUMBER} \|){{4}} ({NUMBER}) \|", report)
+    assert serve_row and float(serve_row.group(2)) > 0  # the first event's time, seen by the client
+
+
+def test_preview_cost_compares_tiny_and_full_size_sdxl(tmp_path: Path) -> None:
+    out = tmp_path / "preview_cost.md"
+    run_benchmark("benchmarks.preview_cost", "--size", "256", "--out", str(out))
+    report = out.read_text()
+    shares = dict(re.findall(r"\| (tiny, 256px, FLOPs|SDXL \+ TAESDXL, 1024px, FLOPs) \| (\d+\.\d)% \|", report))
+    assert len(shares) == 2, report
+    # A TAESD decode is a few percent of an SDXL step's compute: the premise of cheap previews.
+    assert 1.0 < float(shares["SDXL + TAESDXL, 1024px, FLOPs"]) < 10.0, report
