@@ -1,7 +1,8 @@
 """A replica's preview encoder: decodes and encodes previews off the denoising loop.
 
 On a GPU the loop only hands over a copy of the latents: the TAESD decode runs on a side CUDA
-stream and the JPEG/base64 encoding on this worker's thread, both overlapping denoising. On a
+stream, its pixels reach pinned host memory by a non-blocking copy, and the JPEG/base64 encoding
+runs on this worker's thread, all overlapping denoising. On a
 CPU there is no idle hardware to overlap with (a second decode thread only fights the loop's
 OpenMP threads for the same cores), so the small TAESD decode runs in the loop and only the
 encoding moves here. If the worker falls behind, a newer preview replaces the one still waiting
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deployments.previews import encode_image, latents_to_pixels, pixels_to_image
+from deployments.previews import decode_latents, encode_image, latents_to_pixels, pixels_to_image
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +112,24 @@ class PreviewWorker:
                     self._busy = False
                     self._condition.notify_all()
 
+    def _decode_on_side_stream(self, job: PreviewJob) -> torch.Tensor:
+        """Decode after the step that made the latents, then copy to pinned host memory without blocking
+        the stream; only this worker thread waits for the copy, never the denoising loop."""
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            if job.ready is not None:
+                self._stream.wait_event(job.ready)
+            on_device = decode_latents(self._decoder, job.latents)
+            pixels = torch.empty(on_device.shape, dtype=torch.uint8, pin_memory=True)
+            pixels.copy_(on_device, non_blocking=True)
+            copied = self._stream.record_event()
+        copied.synchronize()
+        return pixels
+
     def render(self, job: PreviewJob) -> dict:
         """Decode on a side CUDA stream (GPU) unless decoded already (CPU), then encode."""
         pixels = job.pixels
         if pixels is None:
-            with torch.inference_mode(), torch.cuda.stream(self._stream):
-                if job.ready is not None:
-                    self._stream.wait_event(job.ready)
-                pixels = latents_to_pixels(self._decoder, job.latents)
+            pixels = self._decode_on_side_stream(job)
         image = pixels_to_image(pixels, self._settings.max_size)
         return {
             "type": "preview",

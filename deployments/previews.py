@@ -29,15 +29,20 @@ class PreviewSchedule:
         return [step for step in range(num_inference_steps) if self.is_preview_step(step)]
 
 
-def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Decode one image's latents with a TAESD-shaped decoder into uint8 HWC pixels on the CPU.
+def decode_latents(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Decode one image's latents with a TAESD-shaped decoder into uint8 HWC pixels, on its device.
 
-    The conversion to uint8 happens on the decoder's device, so only a small tensor crosses to the host.
+    The conversion to uint8 happens there, so only a small tensor has to cross to the host.
     """
     scaled = latents[:1].to(decoder.dtype) / decoder.config.scaling_factor
     decoded = decoder.decode(scaled, return_dict=False)[0]  # in [-1, 1]
     pixels = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(1, 2, 0).cpu()
+    return pixels.permute(1, 2, 0)
+
+
+def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`decode_latents`, then on the CPU (a blocking copy when the decoder is on a GPU)."""
+    return decode_latents(decoder, latents).cpu()
 
 
 def pixels_to_image(pixels: torch.Tensor, max_size: int) -> Image.Image:
