@@ -11,7 +11,8 @@ cancels (on a shared VM the same call varies by 15-35% from one minute to the ne
   3. end to end over HTTP SSE through the Serve proxy, ingress and SDXL deployment (configs/local.yaml);
   4. the reference pattern (benchmarks/reference_app.py: thread + queue + StreamingResponse, uvicorn);
   5. throughput, requests per minute, with 1, 2 and 4 concurrent clients on 1 and 2 replicas
-     (one torch thread per replica, so each has its own core).
+     (one torch thread per replica, so each has its own core; on CUDA one GPU per replica, so the
+     2-replica row needs a host with two).
 Prints a table and the ratios, and writes them to --out.
 """
 
@@ -295,17 +296,21 @@ def main() -> None:
     if not args.skip_throughput:
         tput_body = {**body, "num_inference_steps": args.throughput_steps, "width": args.throughput_size,
                      "height": args.throughput_size}  # fmt: skip
-        for replicas in (1, 2):
+        # Each replica gets its own core, or its own GPU: two replicas on one GPU would only share it.
+        gpus = torch.cuda.device_count() if models.device.type == "cuda" else 0
+        actor_options = {"num_cpus": 1, "num_gpus": 1} if gpus else {"num_cpus": 1}
+        for replicas in (1, 2) if gpus != 1 else (1,):
             url = harness.deploy(
                 "bench",
                 "/",
                 args={**serve_args, "torch_threads": 1},
-                deployments={"SDXLDeployment": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1}}},
+                deployments={"SDXLDeployment": {"num_replicas": replicas, "ray_actor_options": actor_options}},
             )
             over_http(f"{url}/stream", tput_body)  # warm-up
             for clients in (1, 2, 4):
                 tput[(replicas, clients)] = throughput(f"{url}/stream", tput_body, clients, args.requests_per_client)
-        ratios["throughput 2 replicas / 1, 4 clients"] = (tput[(2, 4)] / tput[(1, 4)], None)
+        if (2, 4) in tput:
+            ratios["throughput 2 replicas / 1, 4 clients"] = (tput[(2, 4)] / tput[(1, 4)], None)
 
     step = statistics.median(r["step"].total for r in rounds)
     report = render(args, models, step, rows, ratios, tput)
@@ -349,8 +354,10 @@ def render(args, models, step, rows, ratios, tput) -> str:
             "| replicas | 1 client | 2 clients | 4 clients |",
             "|---|---|---|---|",
         ]
-        for replicas in (1, 2):
+        for replicas in sorted({replicas for replicas, _ in tput}):
             lines.append(f"| {replicas} | " + " | ".join(f"{tput[(replicas, c)]:.1f}" for c in (1, 2, 4)) + " |")
+        if (2, 4) not in tput:
+            lines += ["", "2 replicas not measured: this host has one GPU, and each replica needs its own."]
     return "\n".join(lines) + "\n"
 
 
