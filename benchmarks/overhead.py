@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +113,8 @@ def ours(models: LoadedModels, previews: PreviewWorker, body: dict, interval: in
         while await generation.next_event() is not None:
             pass
         await done
+        if generation.outcome != "completed":  # a failed run is short, not fast
+            raise RuntimeError(f"the in-process run {generation.outcome} ({generation.error_type})")
         return time.perf_counter() - started
 
     return asyncio.run(run())
@@ -135,8 +138,10 @@ def over_http(url: str, body: dict) -> tuple[float, float, float | None]:
                     first = first if first is not None else time.perf_counter() - started
                     last = line
         finished = time.perf_counter() - started
-    replica = json.loads(last[len("data:") :]).get("timings", {}).get("total")
-    return first, finished, replica
+    final = json.loads(last[len("data:") :]) if last else {}
+    if final.get("type") != "final":  # a failed run is short, not fast
+        raise RuntimeError(f"{url} ended without a final image: {str(final)[:300]}")
+    return first, finished, final.get("timings", {}).get("total")
 
 
 def _sync(models: LoadedModels) -> None:
@@ -144,8 +149,9 @@ def _sync(models: LoadedModels) -> None:
         torch.cuda.synchronize()
 
 
-def start_reference(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_reference(args: argparse.Namespace, device: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="reference_app-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
         [
             sys.executable,
@@ -156,10 +162,10 @@ def start_reference(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             "--model",
             args.model,
             "--device",
-            args.device,
+            device,
         ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -168,7 +174,7 @@ def start_reference(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             return process, f"{url}/stream"
         except httpx.HTTPError:
             time.sleep(0.5)
-    raise TimeoutError("the reference app did not start")
+    raise TimeoutError(f"the reference app did not start; its log: {log.name}")
 
 
 def throughput(url: str, body: dict, clients: int, per_client: int) -> float:
@@ -251,9 +257,10 @@ def main() -> None:
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own instance, never a cluster
     harness = ServeHarness(free_port())
-    serve_args = {"model": args.model, "device": args.device}
+    device = models.device.type  # every variant on the same device, never a silent fallback
+    serve_args = {"model": args.model, "device": device}
     base = harness.deploy("bench", "/", args=serve_args)
-    reference, reference_url = start_reference(args)
+    reference, reference_url = start_reference(args, device)
 
     variants = {
         BARE: lambda: bare(models, body),

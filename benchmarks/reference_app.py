@@ -46,22 +46,29 @@ def stream(request: GenerationRequest) -> StreamingResponse:
                 latents = callback_kwargs["latents"].to(decoder.dtype) / decoder.config.scaling_factor
                 decoded = decoder.decode(latents, return_dict=False)[0]
                 image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
-            events.put({"image": {"url": data_uri(image, 70), "content_type": "image/jpeg"}})
+            events.put({"type": "preview", "image": {"url": data_uri(image, 70), "content_type": "image/jpeg"}})
         return callback_kwargs
 
     def run() -> None:
-        result = pipeline(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_inference_steps=request.num_inference_steps,
-            width=request.width,
-            height=request.height,
-            guidance_scale=request.guidance_scale,
-            generator=torch.Generator(device=models.device).manual_seed(request.seed or 0),
-            callback_on_step_end=on_step_end,
-        )
-        events.put({"image": {"url": data_uri(result.images[0], 95), "content_type": "image/jpeg"}})
-        events.put(None)
+        # Unlike fal's example, a failure ends the stream: the benchmark must not wait forever.
+        try:
+            result = pipeline(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.num_inference_steps,
+                width=request.width,
+                height=request.height,
+                guidance_scale=request.guidance_scale,
+                generator=torch.Generator(device=models.device).manual_seed(request.seed or 0),
+                callback_on_step_end=on_step_end,
+            )
+            image = {"url": data_uri(result.images[0], 95), "content_type": "image/jpeg"}
+            events.put({"type": "final", "image": image})
+        except Exception as error:  # noqa: BLE001 - reported to the client
+            events.put({"type": "error", "detail": repr(error)})
+            raise
+        finally:
+            events.put(None)
 
     def sse():
         worker = threading.Thread(target=run)

@@ -174,7 +174,7 @@ def _describe(error: BaseException) -> dict:
     Out-of-memory is recoverable (the allocator frees on unwind); any other CUDA error leaves
     the context unusable, so the replica reports itself unhealthy and Serve replaces it.
     """
-    if isinstance(error, torch.OutOfMemoryError):
+    if isinstance(error, torch.OutOfMemoryError) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error):
         return {"detail": "the GPU ran out of memory", "error_type": "out_of_memory"}
     if isinstance(error, RuntimeError) and "CUDA error" in str(error):
         return {"detail": f"device error: {error}", "error_type": "device_error"}

@@ -121,7 +121,7 @@ class PreviewWorker:
             on_device = decode_latents(self._decoder, job.latents)
             pixels = torch.empty(on_device.shape, dtype=torch.uint8, pin_memory=True)
             pixels.copy_(on_device, non_blocking=True)
-            copied = self._stream.record_event()
+            copied = self._stream.record_event(torch.cuda.Event(blocking=True))  # sleeps; a spin would hold a core
         copied.synchronize()
         return pixels
 

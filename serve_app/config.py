@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.schemas import GenerationRequest
 
@@ -100,6 +100,13 @@ class AppConfig(BaseModel):
     def _defaults_are_valid_request_fields(cls, defaults: dict) -> dict:
         GenerationRequest.model_validate({"prompt": "check", **defaults})  # unknown or bad values fail here
         return defaults
+
+    @model_validator(mode="after")
+    def _random_sdxl_has_no_weights_to_choose(self) -> AppConfig:
+        chosen = [name for name in ("vae", "preview_decoder", "variant") if getattr(self, name) is not None]
+        if self.model == RANDOM_SDXL and chosen:
+            raise ValueError(f"'{RANDOM_SDXL}' builds all of its networks; {', '.join(chosen)} cannot apply to it")
+        return self
 
     def apply_request_defaults(self, request: GenerationRequest) -> GenerationRequest:
         """The request with `request_defaults` filled in where the client sent nothing."""

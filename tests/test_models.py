@@ -44,3 +44,9 @@ def test_scheduler_replacement(tmp_path: Path) -> None:
 def test_unknown_scheduler_fails_at_load(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
         load_models(AppConfig(model="tiny", device="cpu", cache_dir=str(tmp_path), scheduler="NoSuchScheduler"))
+
+
+def test_random_sdxl_refuses_weight_choices_it_would_ignore() -> None:
+    with pytest.raises(ValueError, match="vae cannot apply"):
+        AppConfig(model="sdxl-random", vae="madebyollin/sdxl-vae-fp16-fix")
+    assert AppConfig(model="sdxl-random").vae is None

@@ -63,3 +63,12 @@ def test_device_error_makes_the_replica_unhealthy(tmp_path: Path) -> None:
     assert [event["error_type"] for event in events] == ["device_error"]
     with pytest.raises(RuntimeError, match="unusable"):
         replica.check_health()  # Serve replaces a replica whose health check raises
+
+
+def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(tmp_path: Path) -> None:
+    """cuBLAS reports running out of memory as a CUDA error; the device is still usable after it."""
+    replica = SDXLDeployment.func_or_class(AppConfig(model="tiny", device="cpu", cache_dir=str(tmp_path)))
+    failing_unet(replica, RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    events = collect(replica, previews=False)
+    assert [event["error_type"] for event in events] == ["out_of_memory"]
+    replica.check_health()  # does not raise: Serve keeps the replica
