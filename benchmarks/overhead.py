@@ -4,8 +4,8 @@
     python -m benchmarks.overhead --model sdxl-random --size 1024 --steps 30   # on a GPU
 
 Measures, in --reps rounds that each run every variant once back to back (order rotated per round);
-a ratio is the median over rounds of the ratio within a round, so the host's drift between rounds
-cancels (on a shared VM the same call varies by 15-35% from one minute to the next):
+each ratio is given two ways, best run over best run and the median over rounds of the ratio within
+a round (on a shared VM the same call varies by 15-35% from one minute to the next):
   1. the bare StableDiffusionXLPipeline call, no callback (the floor);
   2. our run in-process (GenerationRun + PreviewWorker): previews off, every 5 steps, every step;
   3. end to end over HTTP SSE through the Serve proxy, ingress and SDXL deployment (configs/local.yaml);
@@ -304,7 +304,7 @@ def main() -> None:
         tput_body = {**body, "num_inference_steps": args.throughput_steps, "width": args.throughput_size,
                      "height": args.throughput_size}  # fmt: skip
         # Each replica gets its own core, or its own GPU: two replicas on one GPU would only share it.
-        gpus = torch.cuda.device_count() if models.device.type == "cuda" else 0
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
         actor_options = {"num_cpus": 1, "num_gpus": 1} if gpus else {"num_cpus": 1}
         for replicas in (1, 2) if gpus != 1 else (1,):
             url = harness.deploy(

@@ -34,8 +34,10 @@ def flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def unet_step_flops(unet: torch.nn.Module, side: int, pooled_dim: int) -> int:
+def unet_step_flops(unet: torch.nn.Module, side: int) -> int:
     """One denoising step with classifier-free guidance: a batch of 2 through the UNet."""
+    # The pooled text embedding is what the text-time projection takes besides the 6 size numbers.
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     latents = torch.randn(2, 4, side // 8, side // 8)
     text = torch.randn(2, 77, unet.config.cross_attention_dim)
     added = {"text_embeds": torch.randn(2, pooled_dim), "time_ids": torch.randn(2, 6)}
@@ -71,14 +73,12 @@ def main() -> None:
         pixels = latents_to_pixels(tiny.preview_decoder, latents)
     encode = median_seconds(lambda: encode_image(pixels_to_image(pixels, 512), "jpeg", 70))
 
-    unet = tiny.pipeline.unet
-    tiny_pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     with torch.no_grad():
-        tiny_ratio = decode_flops(tiny.preview_decoder, args.size) / unet_step_flops(unet, args.size, tiny_pooled)
+        tiny_ratio = decode_flops(tiny.preview_decoder, args.size) / unet_step_flops(tiny.pipeline.unet, args.size)
         sdxl = build_components("meta")
         with torch.device("meta"):
             sdxl_ratios = {
-                side: decode_flops(sdxl["preview_decoder"], side) / unet_step_flops(sdxl["unet"], side, 1280)
+                side: decode_flops(sdxl["preview_decoder"], side) / unet_step_flops(sdxl["unet"], side)
                 for side in (1024, 512)
             }
 

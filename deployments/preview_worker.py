@@ -2,11 +2,11 @@
 
 On a GPU the loop only hands over a copy of the latents: the TAESD decode runs on a side CUDA
 stream, its pixels reach pinned host memory by a non-blocking copy, and the JPEG/base64 encoding
-runs on this worker's thread, all overlapping denoising. On a
-CPU there is no idle hardware to overlap with (a second decode thread only fights the loop's
-OpenMP threads for the same cores), so the small TAESD decode runs in the loop and only the
-encoding moves here. If the worker falls behind, a newer preview replaces the one still waiting
-(stale previews are dropped, never queued), so a slow encoder can neither stall nor flood a stream.
+runs on this worker's thread, all overlapping denoising. On a CPU there is no idle hardware to
+overlap with (a second decode thread only fights the loop's OpenMP threads for the same cores),
+so the small TAESD decode runs in the loop and only the encoding moves here. If the worker falls
+behind, a newer preview replaces the one still waiting (stale previews are dropped, never queued),
+so a slow encoder can neither stall nor flood a stream.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ def build_random_sdxl(device: torch.device, dtype: torch.dtype) -> tuple[StableD
         scheduler=sdxl_scheduler(),
     )
     pipeline.to(dtype=dtype)
-    for module in (*components.values(), decoder):
-        module.eval()  # as `from_pretrained` leaves them
+    for module in components.values():
+        module.eval()  # as `from_pretrained` leaves them (the decoder: `load_models` does it)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the float32 originals: ~14 GB the allocator would otherwise keep
     return pipeline, decoder
