@@ -7,7 +7,7 @@ Measures, in --reps rounds that each run every variant once back to back (order 
 each ratio is given two ways, best run over best run and the median over rounds of the ratio within
 a round (on a shared VM the same call varies by 15-35% from one minute to the next):
   1. the bare StableDiffusionXLPipeline call, no callback (the floor);
-  2. our run in-process (GenerationRun + PreviewWorker): previews off, every 5 steps, every step;
+  2. our engine in-process (`SDXLEngine.generate`): previews off, every 5 steps, every step;
   3. end to end over HTTP SSE through the Serve proxy, ingress and SDXL deployment (configs/local.yaml);
   4. the reference pattern (benchmarks/reference_app.py: thread + queue + StreamingResponse, uvicorn);
   5. throughput, requests per minute, with 1, 2 and 4 concurrent clients on 1 and 2 replicas
@@ -37,10 +37,8 @@ import httpx
 import ray
 import torch
 
-from deployments.generation import GenerationRun
-from deployments.models import LoadedModels, load_models
-from deployments.preview_worker import PreviewSettings, PreviewWorker
-from deployments.previews import PreviewSchedule
+from deployments.engine import SDXLEngine
+from deployments.models import LoadedModels
 from serve_app.config import AppConfig
 from serve_app.schemas import GenerationRequest
 from tests.integration.harness import ServeHarness, free_port
@@ -98,23 +96,15 @@ def step_seconds(models: LoadedModels, body: dict) -> float:
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
 
-# The replica's pipeline thread lives as long as the replica; so does this one. (A fresh thread per
-# run measured 4.6% slower on the bare call: each new thread builds its own OpenMP team.)
-PIPELINE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
+def ours(engine: SDXLEngine, body: dict, interval: int) -> float:
+    """The engine's own `generate`, as the SDXL replica runs it, minus Serve."""
+    request = GenerationRequest(**{**body, "preview_interval": interval or None})
 
-
-def ours(models: LoadedModels, previews: PreviewWorker, body: dict, interval: int) -> float:
     async def run() -> float:
-        generation = GenerationRun(
-            models, previews, GenerationRequest(**body), PreviewSchedule(interval), 95, timeout_s=3600
-        )
         started = time.perf_counter()
-        done = asyncio.get_running_loop().run_in_executor(PIPELINE_THREAD, generation.execute)
-        while await generation.next_event() is not None:
-            pass
-        await done
-        if generation.outcome != "completed":  # a failed run is short, not fast
-            raise RuntimeError(f"the in-process run {generation.outcome} ({generation.error_type})")
+        async for event in engine.generate(request, previews=interval > 0):
+            if event.type == "error":  # a failed run is short, not fast
+                raise RuntimeError(f"the in-process run failed: {event.error_type}: {event.detail}")
         return time.perf_counter() - started
 
     return asyncio.run(run())
@@ -250,9 +240,8 @@ def first_event_row(rounds: list[Round], name: str) -> float | None:
 
 def main() -> None:
     args = parse_args()
-    config = AppConfig(model=args.model, device=args.device)
-    models = load_models(config)
-    previews = PreviewWorker(models.preview_decoder, PreviewSettings(512, 70))
+    engine = SDXLEngine(AppConfig(model=args.model, device=args.device, request_timeout_s=3600))
+    models = engine.models
     body = request_body(args)
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own instance, never a cluster
@@ -264,9 +253,9 @@ def main() -> None:
 
     variants = {
         BARE: lambda: bare(models, body),
-        "ours in-process, no previews": lambda: ours(models, previews, body, 0),
-        EVERY_5: lambda: ours(models, previews, body, 5),
-        EVERY_STEP: lambda: ours(models, previews, body, 1),
+        "ours in-process, no previews": lambda: ours(engine, body, 0),
+        EVERY_5: lambda: ours(engine, body, 5),
+        EVERY_STEP: lambda: ours(engine, body, 1),
         SERVE: lambda: over_http(f"{base}/stream", body),
         REFERENCE: lambda: over_http(reference_url, body),
     }

@@ -1,4 +1,4 @@
-"""One request on the pipeline: runs on the replica's pipeline thread, feeds events to asyncio.
+"""One request on the pipeline: runs on the engine's pipeline thread, feeds events to asyncio.
 
 Cancellation and deadlines are checked in the pipeline's `callback_on_step_end`, so denoising
 stops within one step. We raise there rather than set diffusers' `interrupt`, because
@@ -13,19 +13,39 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewJob, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image
-from serve_app.errors import DeadlineExceeded, GenerationCancelled, GenerationError
-from serve_app.schemas import GenerationRequest
+from serve_app.errors import (
+    DeadlineExceeded,
+    GenerationCancelled,
+    GenerationFailed,
+    ServiceError,
+    classify,
+)
+from serve_app.schemas import ErrorEvent, FinalEvent, GenerationRequest, ProgressEvent, StreamEvent, Timings
 
 logger = logging.getLogger(__name__)
 
 END_OF_STREAM = None
+
+
+RunStatus = Literal["completed", "cancelled", "failed"]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended, returned by `GenerationRun.execute`; `error` is set when it failed."""
+
+    status: RunStatus
+    steps_completed: int
+    denoise_seconds: float  # pipeline start to the end of the last step
+    error: ServiceError | None = None
 
 
 class GenerationRun:
@@ -39,6 +59,7 @@ class GenerationRun:
         schedule: PreviewSchedule,
         final_jpeg_quality: int,
         timeout_s: float,
+        progress: bool = False,
     ) -> None:
         self._models = models
         self._previews = previews
@@ -46,47 +67,49 @@ class GenerationRun:
         self._schedule = schedule
         self._final_jpeg_quality = final_jpeg_quality
         self._timeout_s = timeout_s
+        self._progress = progress
         self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._events: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._preview_error: BaseException | None = None
         self._deadline = float("inf")
         self._started = 0.0
-        self.steps_completed = 0
-        self.denoise_seconds = 0.0  # pipeline start to the end of the last step
-        self.error_type: str | None = None
-        self.outcome = "pending"  # then "completed", "cancelled" or "failed"
+        self._steps_completed = 0
+        self._denoise_seconds = 0.0
         self.seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
 
     def cancel(self) -> None:
         """Ask the run to stop at the next step boundary; safe from any thread."""
         self._cancelled.set()
 
-    async def next_event(self) -> dict | None:
+    async def next_event(self) -> StreamEvent | None:
         """The next event, or `END_OF_STREAM` after the final or error event."""
         return await self._events.get()
 
-    def execute(self) -> None:
+    def execute(self) -> RunOutcome:
         """Run the pipeline to the end; always finishes the event stream, whatever happens."""
         try:
             self._emit(self._generate())
-            self.outcome = "completed"
+            return self._outcome("completed")
         except GenerationCancelled:
-            self.outcome = "cancelled"
-            logger.info("Generation cancelled by the client after %d steps", self.steps_completed)
-        except GenerationError as error:
-            self.outcome = "failed"
-            logger.warning("Generation failed: %s", error)
-            self._emit_error(error.to_event())
+            logger.info("Generation cancelled by the client after %d steps", self._steps_completed)
+            return self._outcome("cancelled")
         except Exception as error:  # noqa: BLE001 - any failure must reach the client as an error event
-            self.outcome = "failed"
-            logger.exception("Generation failed")
-            self._emit_error(_describe(error))
+            failure = classify(error, fallback=GenerationFailed)
+            if failure is error:
+                logger.warning("Generation failed: %s", error)
+            else:
+                logger.exception("Generation failed")
+            self._emit(ErrorEvent(detail=failure.detail, error_type=failure.error_type))
+            return self._outcome("failed", failure)
         finally:
             self._previews.discard()
             self._emit(END_OF_STREAM)
 
-    def _generate(self) -> dict:
+    def _outcome(self, status: RunStatus, error: ServiceError | None = None) -> RunOutcome:
+        return RunOutcome(status, self._steps_completed, self._denoise_seconds, error)
+
+    def _generate(self) -> FinalEvent:
         request, pipeline = self._request, self._models.pipeline
         started = self._started = time.perf_counter()
         self._deadline = started + self._timeout_s
@@ -105,7 +128,7 @@ class GenerationRun:
             )
             images = output.images
             if not torch.isfinite(images).all():
-                raise GenerationError("the generated image contains NaN or infinite values")
+                raise GenerationFailed("the generated image contains NaN or infinite values")
             image = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))[0]
         inference_s = time.perf_counter() - started
         if self._cancelled.is_set():  # the client left during the final decode: nobody to send it to
@@ -113,23 +136,24 @@ class GenerationRun:
         self._previews.drain()  # every preview reaches the client before the final image
         self._check_preview_error()
         file = encode_image(image, request.output_format, self._final_jpeg_quality)
-        return {
-            "type": "final",
-            "image": file,
-            "images": [file],
-            "seed": self.seed,
-            "timings": {"inference": inference_s, "total": time.perf_counter() - started},
-            "prompt": request.prompt,
-        }
+        return FinalEvent(
+            image=file,
+            images=[file],
+            seed=self.seed,
+            timings=Timings(inference=inference_s, total=time.perf_counter() - started),
+            prompt=request.prompt,
+        )
 
     def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-        self.steps_completed = step + 1
-        self.denoise_seconds = time.perf_counter() - self._started
+        self._steps_completed = step + 1
+        self._denoise_seconds = time.perf_counter() - self._started
         if self._cancelled.is_set():
             raise GenerationCancelled
         if time.perf_counter() > self._deadline:
             raise DeadlineExceeded(f"the request ran past its {self._timeout_s:g} s time limit at step {step}")
         self._check_preview_error()
+        if self._progress:
+            self._emit(ProgressEvent(step=step, num_inference_steps=self._request.num_inference_steps))
         if self._schedule.is_preview_step(step):
             self._previews.submit(self._preview_job(step, callback_kwargs["latents"]))
         return {}
@@ -154,28 +178,13 @@ class GenerationRun:
 
     def _check_preview_error(self) -> None:
         if self._preview_error is not None:
-            raise GenerationError(f"preview decoding failed: {_describe(self._preview_error)['detail']}")
+            failure = classify(self._preview_error, fallback=GenerationFailed)
+            failure.detail = f"preview decoding failed: {failure.detail}"
+            raise failure from self._preview_error
 
-    def _emit(self, event: dict | None) -> None:
+    def _emit(self, event: StreamEvent | None) -> None:
         if self._cancelled.is_set() and event is not END_OF_STREAM:
             return
         # A closed loop means the replica is shutting down and nobody is listening.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    def _emit_error(self, error: dict) -> None:
-        self.error_type = error["error_type"]
-        self._emit({"type": "error", **error})
-
-
-def _describe(error: BaseException) -> dict:
-    """An error event for an unexpected exception.
-
-    Out-of-memory is recoverable (the allocator frees on unwind); any other CUDA error leaves
-    the context unusable, so the replica reports itself unhealthy and Serve replaces it.
-    """
-    if isinstance(error, torch.OutOfMemoryError) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error):
-        return {"detail": "the GPU ran out of memory", "error_type": "out_of_memory"}
-    if isinstance(error, RuntimeError) and "CUDA error" in str(error):
-        return {"detail": f"device error: {error}", "error_type": "device_error"}
-    return {"detail": f"{type(error).__name__}: {error}", "error_type": "generation_failed"}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from deployments.previews import decode_latents, encode_image, latents_to_pixels, pixels_to_image
+from serve_app.schemas import PreviewEvent
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class PreviewJob:
     step: int
     num_inference_steps: int
     latents: torch.Tensor
-    deliver: Callable[[dict], None]
+    deliver: Callable[[PreviewEvent], None]
     fail: Callable[[BaseException], None]
     ready: torch.cuda.Event | None = None  # recorded after the copy on the producing CUDA stream
     pixels: torch.Tensor | None = None  # already decoded (CPU): the worker only encodes
@@ -45,7 +46,8 @@ class PreviewSettings:
 
 
 class PreviewWorker:
-    """Owns one daemon thread; `submit` never blocks on decoding or encoding."""
+    """Owns one daemon thread. On a GPU `submit` only hands over the job; on a CPU it decodes in the
+    caller's thread first (see the module docstring) and hands over the encoding."""
 
     def __init__(
         self,
@@ -125,15 +127,14 @@ class PreviewWorker:
         copied.synchronize()
         return pixels
 
-    def render(self, job: PreviewJob) -> dict:
+    def render(self, job: PreviewJob) -> PreviewEvent:
         """Decode on a side CUDA stream (GPU) unless decoded already (CPU), then encode."""
         pixels = job.pixels
         if pixels is None:
             pixels = self._decode_on_side_stream(job)
         image = pixels_to_image(pixels, self._settings.max_size)
-        return {
-            "type": "preview",
-            "step": job.step,
-            "num_inference_steps": job.num_inference_steps,
-            "image": encode_image(image, "jpeg", self._settings.jpeg_quality),
-        }
+        return PreviewEvent(
+            step=job.step,
+            num_inference_steps=job.num_inference_steps,
+            image=encode_image(image, "jpeg", self._settings.jpeg_quality),
+        )

@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from serve_app.schemas import ImageFile
+
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 
 
@@ -53,7 +55,7 @@ def pixels_to_image(pixels: torch.Tensor, max_size: int) -> Image.Image:
     return image
 
 
-def encode_image(image: Image.Image, image_format: Literal["jpeg", "png"], jpeg_quality: int) -> dict:
+def encode_image(image: Image.Image, image_format: Literal["jpeg", "png"], jpeg_quality: int) -> ImageFile:
     """The image as fal's file object: a base64 data URI with its content type and size."""
     buffer = io.BytesIO()
     if image_format == "jpeg":
@@ -62,9 +64,6 @@ def encode_image(image: Image.Image, image_format: Literal["jpeg", "png"], jpeg_
         image.save(buffer, format="PNG")
     content_type = CONTENT_TYPES[image_format]
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return {
-        "url": f"data:{content_type};base64,{data}",
-        "content_type": content_type,
-        "width": image.width,
-        "height": image.height,
-    }
+    return ImageFile(
+        url=f"data:{content_type};base64,{data}", content_type=content_type, width=image.width, height=image.height
+    )

@@ -1,7 +1,8 @@
 """The fal wire format in one place: request, image, stream events, result and errors.
 
-These models cross the HTTP boundary (ingress) and the process boundary (ingress to
-SDXL replica, as plain dicts), so both sides validate against the same definitions.
+The ingress validates requests against these models at the HTTP boundary. Events are built as
+these models by their producers (the SDXL replica) and cross the process boundary to the ingress
+as their plain `model_dump()` dicts, which the ingress relays without validating them again.
 """
 
 from __future__ import annotations
@@ -85,18 +86,12 @@ class PreviewEvent(BaseModel):
     image: ImageFile
 
 
-class FinalEvent(BaseModel):
-    """The last event of a successful stream: the finished image plus fast-sdxl's result fields.
+class ProgressEvent(BaseModel):
+    """Denoising `step` (0-based) finished; sent only to callers that ask for it (the job queue's logs)."""
 
-    `image` serves the streaming example's shape, `images` fast-sdxl's; both name the same file.
-    """
-
-    type: Literal["final"] = "final"
-    image: ImageFile
-    images: list[ImageFile]
-    seed: int
-    timings: Timings
-    prompt: str
+    type: Literal["progress"] = "progress"
+    step: int
+    num_inference_steps: int
 
 
 class GenerationResult(BaseModel):
@@ -108,8 +103,28 @@ class GenerationResult(BaseModel):
     prompt: str
 
 
+class FinalEvent(GenerationResult):
+    """The last event of a successful stream: the result plus `image`, the streaming example's shape
+    (`image` and `images[0]` name the same file)."""
+
+    type: Literal["final"] = "final"
+    image: ImageFile
+
+    def result(self) -> GenerationResult:
+        return GenerationResult.model_validate(self.model_dump(include=set(GenerationResult.model_fields)))
+
+
 class ErrorBody(BaseModel):
     """The one error shape, for HTTP errors and the SSE `error` event alike."""
 
     detail: str | list
     error_type: str
+
+
+class ErrorEvent(ErrorBody):
+    """The last event of a failed stream; SSE sends it as `event: error` with an `ErrorBody`."""
+
+    type: Literal["error"] = "error"
+
+
+StreamEvent = Annotated[PreviewEvent | ProgressEvent | FinalEvent | ErrorEvent, Field(discriminator="type")]

@@ -1,6 +1,6 @@
 """Stream events as Server-Sent Events, framed by sse-starlette.
 
-Events are `data: <json>` plus a blank line (fal's framing, `\\n` separators); failures are
+Events are `data: <json>` plus a blank line (fal's framing, `\n` separators); failures are
 `event: error` with `{"detail", "error_type"}`, which every SSE client can tell from a result.
 """
 
@@ -8,18 +8,25 @@ from __future__ import annotations
 
 from sse_starlette import JSONServerSentEvent, ServerSentEvent
 
+from serve_app.errors import ServiceError
+from serve_app.schemas import ErrorBody
+
 SEPARATOR = "\n"
 
 
 def encode_event(event: dict) -> ServerSentEvent:
-    """A deployment event (`type` preview, final or error) as one SSE event."""
+    """A deployment event (a `StreamEvent` as a dict: preview, final or error) as one SSE event."""
     if event.get("type") == "error":
-        return error_event(event["detail"], event["error_type"])
+        return _error(ErrorBody(detail=event["detail"], error_type=event["error_type"]))
     return JSONServerSentEvent(event, sep=SEPARATOR)
 
 
-def error_event(detail: str, error_type: str) -> ServerSentEvent:
-    return JSONServerSentEvent({"detail": detail, "error_type": error_type}, event="error", sep=SEPARATOR)
+def error_event(error: ServiceError) -> ServerSentEvent:
+    return _error(error.body())
+
+
+def _error(body: ErrorBody) -> ServerSentEvent:
+    return JSONServerSentEvent(body.model_dump(), event="error", sep=SEPARATOR)
 
 
 def keepalive_comment() -> ServerSentEvent:

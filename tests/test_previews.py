@@ -48,18 +48,18 @@ def test_pixels_are_downscaled_keeping_aspect(size: tuple, max_size: int, expect
 def test_encode_image_is_a_data_uri_fal_can_render(image_format: str, content_type: str) -> None:
     image = Image.new("RGB", (40, 24), (200, 10, 10))
     file = encode_image(image, image_format, jpeg_quality=70)
-    assert file["content_type"] == content_type
-    assert (file["width"], file["height"]) == (40, 24)
+    assert file.content_type == content_type
+    assert (file.width, file.height) == (40, 24)
     prefix = f"data:{content_type};base64,"
-    assert file["url"].startswith(prefix)
-    decoded = Image.open(io.BytesIO(base64.b64decode(file["url"][len(prefix) :])))
+    assert file.url.startswith(prefix)
+    decoded = Image.open(io.BytesIO(base64.b64decode(file.url[len(prefix) :])))
     assert decoded.size == (40, 24)
     assert decoded.getpixel((20, 12))[0] > 150
 
 
 def test_jpeg_quality_changes_size() -> None:
     image = Image.effect_noise((256, 256), 64).convert("RGB")
-    assert len(encode_image(image, "jpeg", 95)["url"]) > len(encode_image(image, "jpeg", 30)["url"])
+    assert len(encode_image(image, "jpeg", 95).url) > len(encode_image(image, "jpeg", 30).url)
 
 
 def test_latents_decode_to_8x_pixels_in_uint8() -> None:

@@ -18,7 +18,7 @@ import ray
 import yaml
 from PIL import Image
 
-from serve_app.dev_cert import write_localhost_certificate
+from sdxl_client.dev_cert import write_localhost_certificate
 from tests.integration.harness import REPO, ServeHarness, decode_image, free_port
 
 SMALL = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 6, "seed": 3}

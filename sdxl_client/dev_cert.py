@@ -1,6 +1,6 @@
 """Make a self-signed certificate for localhost, so fal clients (HTTPS only) can reach a local service.
 
-    python -m serve_app.dev_cert --out certs    # writes certs/localhost.crt and certs/localhost.key
+    python -m sdxl_client.dev_cert --out certs    # writes certs/localhost.crt and certs/localhost.key
 
 Then `serve run configs/local-tls.yaml` and point clients at it with SSL_CERT_FILE=certs/localhost.crt.
 For local use only: production TLS belongs to your load balancer or a real certificate.

@@ -1,0 +1,1 @@
+"""Client-side tools for the service: the `sdxl-stream` CLI and a local TLS certificate for fal clients."""

@@ -1,0 +1,141 @@
+"""The FastAPI app, built from the config in one place: every route and every layer a request passes.
+
+The ingress deployment calls `build_http_app` once per replica, after its constructor (Serve's
+late-bound ingress, `__serve_build_asgi_app__`), so the middlewares get their settings directly.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types on the routes.
+from pathlib import Path
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from serve_app.config import AppConfig
+from serve_app.errors import HttpError, MethodNotAllowed, NotFound, ServiceError, ValidationFailed
+from serve_app.middleware import ApiKeys, BodySizeLimit, FalRequestId, RequireApiKey
+from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult, PreviewEvent
+
+PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
+MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
+
+ERROR_RESPONSES = {
+    401: {"model": ErrorBody, "description": "API keys are configured and the request has none or a wrong one."},
+    413: {"model": ErrorBody, "description": "The body is over 1 MiB."},
+    503: {"model": ErrorBody, "description": "Overloaded: retry after `Retry-After` seconds."},
+}
+STREAM_RESPONSES = {
+    **ERROR_RESPONSES,
+    200: {
+        "description": "Server-Sent Events: `data:` events that are `PreviewEvent`s, then one `FinalEvent`; "
+        "or an `event: error` event whose data is an `ErrorBody`. `: keepalive` comments may come between.",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/PreviewEvent"},
+                        {"$ref": "#/components/schemas/FinalEvent"},
+                        {"$ref": "#/components/schemas/ErrorBody"},
+                    ]
+                }
+            }
+        },
+    },
+}
+
+
+class GenerationService(Protocol):
+    """What the generation routes call: the ingress deployment."""
+
+    async def stream(self, body: GenerationRequest) -> Response: ...
+
+    async def run(self, body: GenerationRequest) -> Response | GenerationResult: ...
+
+    async def health(self) -> Response: ...
+
+
+def build_http_app(config: AppConfig, service: GenerationService) -> FastAPI:
+    app = FastAPI(
+        title="Streaming SDXL",
+        description="fal-compatible SDXL: `POST /stream` streams TAESD previews then the final image as SSE; "
+        "`POST /` returns the final result as JSON.",
+    )
+    _add_error_handlers(app)
+
+    @app.post("/stream", response_class=EventSourceResponse, responses=STREAM_RESPONSES)
+    async def stream(body: GenerationRequest):
+        """Stream previews every few steps, then the final image as the last event."""
+        return await service.stream(body)
+
+    @app.post("/", response_model=GenerationResult, responses=ERROR_RESPONSES)
+    async def run(body: GenerationRequest):
+        """Generate and return the finished image as JSON (no stream)."""
+        return await service.run(body)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """A page to try the service: live previews, progress, the final image, cancel."""
+        return HTMLResponse(PLAYGROUND_HTML)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 once at least one SDXL replica has loaded its model, 503 before."""
+        return await service.health()
+
+    app.openapi = lambda: _openapi_with_events(app)
+
+    # Added last runs first: the request id is on every response; CORS answers preflights before
+    # auth; auth rejects before the body is read; the body limit is closest to the routes.
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequireApiKey, keys=ApiKeys.from_env(config.api_keys_env))
+    if config.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "accept", "x-request-id"],
+            expose_headers=["x-request-id", "x-fal-request-id", "retry-after"],
+            max_age=600,
+        )
+    app.add_middleware(FalRequestId)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own rejections in the catalog's shape."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        # The echoed input is dropped: it can be the whole (large) body.
+        details = [{key: value for key, value in item.items() if key != "input"} for item in error.errors()]
+        return ValidationFailed(jsonable_encoder(details)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        known: dict[int, type[ServiceError]] = {404: NotFound, 405: MethodNotAllowed}
+        if error.status_code in known:
+            failure = known[error.status_code](str(error.detail))
+        else:
+            failure = HttpError(str(error.detail), error.status_code)
+        response = failure.response()
+        response.headers.update(error.headers or {})  # e.g. 405's `Allow`
+        return response
+
+
+def _openapi_with_events(app: FastAPI) -> dict:
+    """FastAPI's schema plus the SSE event models, which no route returns as JSON."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (PreviewEvent, FinalEvent, ErrorBody):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
