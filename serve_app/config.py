@@ -17,8 +17,18 @@ RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timin
 TAESDXL = "madebyollin/taesdxl"
 
 
+APP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    app_id: str = Field(
+        default="local/sdxl",
+        pattern=APP_ID_PATTERN,
+        description="The fal app id clients call ('owner/alias'): run at POST /{app_id} and /{app_id}/stream, "
+        "the queue under /queue/{app_id}. 'fal-ai/fast-sdxl' makes code written for fal's fast-sdxl run unchanged.",
+    )
 
     model: str = Field(
         default=TINY_MODEL,
@@ -94,6 +104,33 @@ class AppConfig(BaseModel):
         description="How long /stream waits for the first event before committing to HTTP 200, "
         "so that a rejected or failed request still gets a proper status code.",
     )
+
+    job_store: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="Where queued jobs live: 'memory' (the job-queue replica's process; lost with it) or "
+        "'redis' (survive restarts, redeploys and lost nodes; the URL comes from `redis_url_env`).",
+    )
+    redis_url_env: str = Field(
+        default="SDXL_SERVE_REDIS_URL",
+        description="Environment variable holding the Redis URL (it may carry a password: never in args).",
+    )
+    max_queued_jobs: int = Field(
+        default=1000, ge=1, description="Jobs waiting beyond this many: submit answers 503 + Retry-After."
+    )
+    job_result_ttl_s: float = Field(default=3600.0, gt=0, description="How long finished jobs and images are kept.")
+    job_lease_s: float = Field(
+        default=15.0,
+        ge=1,
+        description="A running job's lease; a job whose job-queue replica died goes back to the queue after it.",
+    )
+    job_max_attempts: int = Field(default=3, ge=1, description="Dispatches of one job before it fails.")
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names `?fal_webhook=` URLs may point at (exact, or '.example.com' for subdomains); "
+        "empty: webhooks are refused at submit. The service calls only these: anything else would be an SSRF hole.",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60, description="Per webhook attempt.")
+    webhook_attempts: int = Field(default=3, ge=1, le=10, description="Tries per webhook, with backoff.")
 
     @field_validator("request_defaults")
     @classmethod

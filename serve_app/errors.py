@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import ClassVar
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse
 
@@ -29,6 +29,11 @@ class ServiceError(Exception):
         self.detail = detail if detail is not None else self.default_detail
         super().__init__(self.detail if isinstance(self.detail, str) else self.error_type)
 
+    def __reduce__(self):
+        """Pickle by state, not by `args`: subclasses take other constructor arguments (Ray pickles
+        an error raised in one replica to re-raise it in its caller)."""
+        return (_rebuild, (type(self), self.__dict__))
+
     def headers(self) -> dict[str, str]:
         return {}
 
@@ -37,6 +42,13 @@ class ServiceError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body().model_dump(), status_code=self.status_code, headers=self.headers() or None)
+
+
+def _rebuild(cls: type[ServiceError], state: dict) -> ServiceError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("detail"))
+    error.__dict__.update(state)
+    return error
 
 
 class InternalError(ServiceError):
@@ -147,6 +159,32 @@ class GenerationFailed(ServiceError):
     default_detail = "the generation failed"
 
 
+class Cancelled(ServiceError):
+    """A queued job the client cancelled: its result is this error."""
+
+    error_type = "cancelled"
+    status_code = 400  # not 408/409/429/5xx: both fal clients retry those
+    default_detail = "the job was cancelled"
+
+
+class NotCompleted(ServiceError):
+    error_type = "not_completed"
+    status_code = 400
+    default_detail = "the job has not completed yet: poll its status_url"
+
+
+class AlreadyCompleted(ServiceError):
+    error_type = "already_completed"
+    status_code = 400
+    default_detail = "the job has already completed"
+
+
+class WebhookNotAllowed(ServiceError):
+    error_type = "webhook_not_allowed"
+    status_code = 400
+    default_detail = "this service does not call that webhook"
+
+
 class GenerationCancelled(Exception):
     """The client went away; raised inside the pipeline to stop denoising at the next step. Not an error."""
 
@@ -169,6 +207,10 @@ CATALOG: dict[str, type[ServiceError]] = {
         DeviceError,
         ReplicaFailed,
         GenerationFailed,
+        Cancelled,
+        NotCompleted,
+        AlreadyCompleted,
+        WebhookNotAllowed,
     )
 }
 
@@ -185,6 +227,8 @@ def classify(error: BaseException, fallback: type[ServiceError] = InternalError)
     torch is consulted only where it is already loaded (the model replicas; never the ingress).
     Out-of-memory is checked first: cuBLAS and some kernels report it as a generic CUDA error.
     """
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause  # raised in another replica: classify what was raised there
     if isinstance(error, ServiceError):
         return error
     if isinstance(error, BackPressureError):

@@ -19,10 +19,18 @@ from starlette.middleware.cors import CORSMiddleware
 
 from serve_app.config import AppConfig
 from serve_app.errors import HttpError, MethodNotAllowed, NotFound, ServiceError, ValidationFailed
+from serve_app.jobs.gateway import JobGateway
 from serve_app.middleware import ApiKeys, BodySizeLimit, FalRequestId, RequireApiKey
 from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult, PreviewEvent
 
 PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
+# Sent by @fal-ai/client (x-fal-queue-priority on every submit): a browser preflight must allow them.
+FAL_CLIENT_HEADERS = (
+    "x-fal-queue-priority",
+    "x-fal-runner-hint",
+    "x-fal-request-timeout",
+    "x-fal-object-lifecycle-preference",
+)
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 
 ERROR_RESPONSES = {
@@ -60,23 +68,28 @@ class GenerationService(Protocol):
     async def health(self) -> Response: ...
 
 
-def build_http_app(config: AppConfig, service: GenerationService) -> FastAPI:
+def build_http_app(config: AppConfig, service: GenerationService, jobs: JobGateway) -> FastAPI:
     app = FastAPI(
         title="Streaming SDXL",
         description="fal-compatible SDXL: `POST /stream` streams TAESD previews then the final image as SSE; "
-        "`POST /` returns the final result as JSON.",
+        f"`POST /` returns the final result as JSON; both also at `/{config.app_id}`, and fal's queue API "
+        f"under `/queue/{config.app_id}`.",
     )
     _add_error_handlers(app)
 
-    @app.post("/stream", response_class=EventSourceResponse, responses=STREAM_RESPONSES)
-    async def stream(body: GenerationRequest):
-        """Stream previews every few steps, then the final image as the last event."""
-        return await service.stream(body)
+    for prefix in ("", f"/{config.app_id}"):  # fal clients call https://<host>/<app id>[/stream]
 
-    @app.post("/", response_model=GenerationResult, responses=ERROR_RESPONSES)
-    async def run(body: GenerationRequest):
-        """Generate and return the finished image as JSON (no stream)."""
-        return await service.run(body)
+        @app.post(f"{prefix}/stream", response_class=EventSourceResponse, responses=STREAM_RESPONSES)
+        async def stream(body: GenerationRequest):
+            """Stream previews every few steps, then the final image as the last event."""
+            return await service.stream(body)
+
+        @app.post(prefix or "/", response_model=GenerationResult, responses=ERROR_RESPONSES)
+        async def run(body: GenerationRequest):
+            """Generate and return the finished image as JSON (no stream)."""
+            return await service.run(body)
+
+    _add_queue_routes(app, config, jobs)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -98,17 +111,63 @@ def build_http_app(config: AppConfig, service: GenerationService) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=config.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "accept", "x-request-id"],
-            expose_headers=["x-request-id", "x-fal-request-id", "retry-after"],
+            allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+            allow_headers=[
+                "authorization",
+                "content-type",
+                "accept",
+                "x-request-id",
+                *FAL_CLIENT_HEADERS,
+            ],
+            expose_headers=["x-request-id", "x-fal-request-id", "x-fal-request-timeout-type", "retry-after"],
             max_age=600,
         )
     app.add_middleware(FalRequestId)
     return app
 
 
+def _add_queue_routes(app: FastAPI, config: AppConfig, jobs: JobGateway) -> None:
+    """fal's queue API (what `subscribe`, `submit`, `status`, `result` and `cancel` call)."""
+    queue = f"/queue/{config.app_id}"
+    job = f"{queue}/requests/{{request_id}}"
+
+    @app.post(queue, responses=ERROR_RESPONSES)
+    async def submit(body: GenerationRequest, request: Request, fal_webhook: str | None = None) -> Response:
+        """Queue a generation; poll `status_url`, then fetch `response_url`."""
+        return await jobs.submit(body, request, fal_webhook)
+
+    @app.get(f"{job}/status")
+    async def status(request_id: str, request: Request, logs: str | None = None) -> Response:
+        """IN_QUEUE (with `queue_position`), IN_PROGRESS or COMPLETED; `logs=1` adds the job's logs."""
+        return await jobs.status(request_id, request, logs)
+
+    @app.get(f"{job}/status/stream")
+    async def status_stream(request_id: str, request: Request, logs: str | None = None) -> Response:
+        """The same status objects as Server-Sent Events, ending after COMPLETED."""
+        return await jobs.status_stream(request_id, request, logs)
+
+    @app.get(job)
+    async def result(request_id: str, request: Request) -> Response:
+        """The result, as `POST /` returns it; a failed or cancelled job's error with its status."""
+        return await jobs.result(request_id, request)
+
+    @app.put(f"{job}/cancel", status_code=202)
+    async def cancel(request_id: str) -> Response:
+        """Remove a queued job, or stop a running one at its next denoising step."""
+        return await jobs.cancel(request_id)
+
+    @app.get("/files/{request_id}/{name}", include_in_schema=False)
+    async def file(request_id: str, name: str) -> Response:
+        """A queue result's image, while the job is kept."""
+        return await jobs.file(f"{request_id}/{name}")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
-    """FastAPI's own rejections in the catalog's shape."""
+    """Catalog errors raised by a route, and FastAPI's own rejections, in the catalog's shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+        return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

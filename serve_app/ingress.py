@@ -22,6 +22,7 @@ from sse_starlette import EventSourceResponse
 from serve_app.config import AppConfig
 from serve_app.errors import InternalError, NotReady, Overloaded, QueueTimeout, ServiceError, classify, from_body
 from serve_app.http_app import build_http_app
+from serve_app.jobs.gateway import JobGateway
 from serve_app.metrics import IngressMetrics
 from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult
 from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, keepalive_comment
@@ -35,14 +36,15 @@ COUNTED_REJECTIONS = ("overloaded", "queue_timeout")
 @serve.deployment
 @serve.ingress()
 class SDXLIngress:
-    def __init__(self, sdxl: DeploymentHandle, config: AppConfig) -> None:
+    def __init__(self, sdxl: DeploymentHandle, job_queue: DeploymentHandle, config: AppConfig) -> None:
         self._sdxl = sdxl
         self.config = config
+        self._jobs = JobGateway(job_queue, config)
         self._metrics = IngressMetrics()
         self._health: tuple[float, bool] = (0.0, False)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self.config, self)
+        return build_http_app(self.config, self, self._jobs)
 
     async def stream(self, body: GenerationRequest) -> Response:
         body = self.config.apply_request_defaults(body)

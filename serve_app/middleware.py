@@ -33,7 +33,8 @@ class FalRequestId:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start" and request_id:
-                MutableHeaders(scope=message)["x-fal-request-id"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("x-fal-request-id", request_id)  # a queue route sets its job's id
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -63,10 +64,11 @@ class ApiKeys:
 
 
 class RequireApiKey:
-    """When keys are configured, every POST (a generation) needs `Authorization: Key <key>`.
+    """When keys are configured, every POST (a generation), PUT (a cancel) and queue call needs
+    `Authorization: Key <key>`.
 
     Checked before FastAPI reads the body, so an unauthenticated caller gets 401 whatever it sent.
-    GETs (health, docs) stay open for load balancers and browsers.
+    Other GETs (health, docs, the playground, result images by their unguessable URLs) stay open.
     """
 
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
@@ -74,10 +76,20 @@ class RequireApiKey:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope["type"] == "http" and scope["method"] == "POST" and self.keys.enabled
+        guarded = (
+            scope["type"] == "http"
+            and self.keys.enabled
+            and (scope["method"] in ("POST", "PUT") or _route_path(scope).startswith("/queue/"))
+        )
         if guarded and not self.keys.accepts(Headers(scope=scope).get("authorization")):
             return await Unauthorized().response()(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's route prefix (Starlette keeps `root_path` in `path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class _BodyTooLarge(Exception):

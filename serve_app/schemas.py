@@ -43,6 +43,11 @@ class GenerationRequest(BaseModel):
         default=None, ge=1, le=50, description="Steps between previews; the service's default when omitted."
     )
     output_format: Literal["jpeg", "png"] = Field(default="jpeg", description="Format of the final image.")
+    sync_mode: bool = Field(
+        default=False,
+        description="Queue results: images inline as data URIs when true, else URLs served by this service "
+        "while the job is kept (fal's default). The run and stream routes always answer inline.",
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod

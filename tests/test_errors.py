@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import pytest
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.errors import (
@@ -86,3 +87,19 @@ def test_unknown_exceptions_use_the_fallback_and_keep_their_message() -> None:
 def test_an_error_body_from_another_process_maps_back_to_its_class() -> None:
     assert from_body(ErrorBody(detail="x", error_type="deadline_exceeded")).status_code == 504
     assert isinstance(from_body(ErrorBody(detail="x", error_type="no_such_type")), InternalError)
+
+
+def test_errors_survive_pickling_with_their_state() -> None:
+    """Ray pickles an error raised in one replica to re-raise it in the caller."""
+    error = pickle.loads(pickle.dumps(Overloaded("the job queue is full", retry_after_s=7)))
+    assert (error.detail, error.retry_after_s, error.response().headers["retry-after"]) == (
+        "the job queue is full",
+        7,
+        "7",
+    )
+
+
+def test_an_error_raised_in_another_replica_is_classified_as_raised() -> None:
+    wrapped = RayTaskError("submit", "traceback", Overloaded(retry_after_s=2)).as_instanceof_cause()
+    failure = classify(wrapped)
+    assert type(failure) is Overloaded and failure.retry_after_s == 2

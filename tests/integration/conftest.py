@@ -7,17 +7,20 @@ import pytest
 import ray
 
 from tests.integration.harness import ServeHarness, free_port
+from tests.redis_server import redis_url  # noqa: F401 - a fixture
 
 TEST_API_KEYS_ENV = "SDXL_SERVE_TEST_API_KEYS"
 TEST_API_KEY = "sk-test-4a1f9c2e7b"
+TEST_REDIS_URL_ENV = "SDXL_SERVE_TEST_REDIS_URL"
 
 
 @pytest.fixture(scope="session")
-def serve_harness(tmp_path_factory: pytest.TempPathFactory):
+def serve_harness(tmp_path_factory: pytest.TempPathFactory, redis_url: str):  # noqa: F811
     """One Ray instance and Serve proxy for the whole integration session."""
     # Set in the environment Ray's processes inherit, not in `runtime_env`: Ray logs runtime_env.
     os.environ["SDXL_SERVE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
     os.environ[TEST_API_KEYS_ENV] = TEST_API_KEY
+    os.environ[TEST_REDIS_URL_ENV] = redis_url  # only apps with `redis_url_env` set to it read it
     # Logical CPUs: more than the machine has, so several test apps can be resident at once.
     ray.init(
         num_cpus=16,
