@@ -19,7 +19,6 @@ JobState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 CancelOutcome = Literal["unknown", "completed", "removed", "requested"]
 
 
-
 class JobError(BaseModel):
     """Why a job completed without a result, in fal's error shape plus the HTTP status to answer with."""
 
