@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ def tls_service(tmp_path_factory: pytest.TempPathFactory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    base = f"https://localhost:{port}/local/sdxl"
+    base = f"https://localhost:{port}"
     deadline = time.monotonic() + 180
     with httpx.Client(verify=str(cert)) as client:
         while time.monotonic() < deadline:
@@ -74,12 +75,80 @@ def run_fal_client(tls_service: dict, code: str) -> dict:
     env = {
         **os.environ,
         "FAL_RUN_HOST": tls_service["host"],
+        "FAL_QUEUE_RUN_HOST": f"{tls_service['host']}/queue",  # queue.localhost does not resolve
         "FAL_KEY": "local-key",
         "SSL_CERT_FILE": str(tls_service["cert"]),
     }
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fetch_image(tls_service: dict, url: str) -> Image.Image:
+    """A queue result's image, by the URL the service gave (on the host the client called)."""
+    assert url.startswith(f"https://{tls_service['host']}/files/")
+    response = httpx.get(url, verify=str(tls_service["cert"]))
+    return Image.open(io.BytesIO(response.content))
+
+
+SUBSCRIBE = """
+import fal_client, json
+updates = []
+result = fal_client.subscribe("local/sdxl", arguments=ARGS, with_logs=True, on_queue_update=updates.append)
+logs = [log["message"] for update in updates for log in (getattr(update, "logs", None) or [])]
+print(json.dumps({"result": result, "updates": [type(update).__name__ for update in updates], "logs": logs}))
+"""
+
+SUBSCRIBE_ASYNC = """
+import asyncio, fal_client, json
+async def main():
+    updates = []
+    result = await fal_client.subscribe_async(
+        "local/sdxl", arguments=ARGS, with_logs=True, on_queue_update=updates.append
+    )
+    return {"result": result, "updates": [type(update).__name__ for update in updates]}
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+@pytest.mark.parametrize("code", [SUBSCRIBE, SUBSCRIBE_ASYNC], ids=["sync", "async"])
+def test_fal_client_subscribe(tls_service: dict, code: str) -> None:
+    """fal's own example, unchanged: subscribe polls the queue with logs and returns the result."""
+    out = run_fal_client(tls_service, code.replace("ARGS", repr(SMALL)))
+    assert out["result"]["seed"] == 3
+    assert fetch_image(tls_service, out["result"]["images"][0]["url"]).size == (256, 256)
+    assert "InProgress" in out["updates"] and out["updates"][-1] == "Completed"
+    if "logs" in out:
+        assert "step 6/6" in out["logs"]
+
+
+def test_fal_client_queue_handle_status_events_result_and_cancel(tls_service: dict) -> None:
+    long = {**SMALL, "num_inference_steps": 50, "width": 512, "height": 512}
+    out = run_fal_client(
+        tls_service,
+        f"""
+import fal_client, json, time
+handle = fal_client.submit("local/sdxl", arguments={SMALL!r})
+first = type(handle.status(with_logs=True)).__name__
+events = [type(event).__name__ for event in handle.iter_events(with_logs=True)]
+result = handle.get()
+slow = fal_client.submit("local/sdxl", arguments={long!r})
+while not isinstance(slow.status(), fal_client.InProgress):
+    time.sleep(0.1)
+slow.cancel()
+try:
+    slow.get()
+    error = None
+except fal_client.FalClientHTTPError as failure:
+    error = [failure.status_code, failure.error_type, failure.message]
+print(json.dumps({{"first": first, "events": events, "seed": result["seed"], "error": error,
+                  "final": type(slow.status()).__name__}}))
+""",
+    )
+    assert out["first"] in ("Queued", "InProgress", "Completed")
+    assert out["events"][-1] == "Completed" and out["seed"] == 3
+    assert out["error"][:2] == [400, "cancelled"]
+    assert out["final"] == "Completed"
 
 
 def test_fal_client_stream(tls_service: dict) -> None:
@@ -130,6 +199,29 @@ def test_js_client_streams_previews_then_final_and_done_is_final(local_url: str,
     assert all(event["url"].startswith("data:image/jpeg;base64,") for event in events)
     assert lines[-1]["done"] == events[-1]  # stream.done() resolves to the final image
     assert lines[-1]["done_has_images"]
+
+
+@pytest.mark.parametrize("mode", ["polling", "streaming"])
+def test_js_client_subscribe(local_url: str, js_client: Path, mode: str) -> None:
+    """fal.subscribe, unchanged, through the README's middleware for both of fal's hosts."""
+    out = run_js(js_client.parent / "fal_queue.mjs", local_url, mode)
+    assert out["seed"] == 3 and out["url"].startswith(f"{local_url}/files/") and out["requestId"]
+    assert out["statuses"][-1] == "COMPLETED" and "IN_PROGRESS" in out["statuses"]
+    assert "step 6/6" in out["logs"] and out["logs"].count("Completed") == 1
+
+
+def test_js_client_queue_submit_status_result_cancel(local_url: str, js_client: Path) -> None:
+    out = run_js(js_client.parent / "fal_queue.mjs", local_url, "queue")
+    assert out["seed"] == 3 and out["status"] == "COMPLETED" and out["requestId"]
+    assert out["cancelError"] == {"status": 400, "errorType": "cancelled"}
+
+
+def run_js(script: Path, base_url: str, mode: str) -> dict:
+    result = subprocess.run(
+        ["node", str(script), base_url, json.dumps(SMALL), mode], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # --- CLI --------------------------------------------------------------------------------------

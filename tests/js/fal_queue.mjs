@@ -1,0 +1,47 @@
+// Usage: node fal_queue.mjs <service base url> <json input> <polling|streaming|queue>
+// Drives the unmodified @fal-ai/client's queue API against the service through one requestMiddleware
+// (the README's), and prints one JSON line with what the client returned.
+import { fal } from "@fal-ai/client";
+
+const [baseUrl, inputJson, mode] = process.argv.slice(2);
+const input = JSON.parse(inputJson);
+
+// fal's two hosts, mapped onto the service: the queue under /queue/, runs and streams at the root.
+fal.config({
+  credentials: "local-key",
+  requestMiddleware: async (request) => ({
+    ...request,
+    url: request.url
+      .replace(/^https:\/\/queue\.fal\.run\//, `${baseUrl}/queue/`)
+      .replace(/^https:\/\/fal\.run\//, `${baseUrl}/`),
+  }),
+});
+
+const statuses = [];
+const logs = [];
+const onQueueUpdate = (update) => {
+  statuses.push(update.status);
+  for (const log of update.logs ?? []) logs.push(log.message);
+};
+
+if (mode === "polling" || mode === "streaming") {
+  const result = await fal.subscribe("local/sdxl", { input, logs: true, mode, pollInterval: 100, onQueueUpdate });
+  console.log(JSON.stringify({ requestId: result.requestId, seed: result.data.seed, url: result.data.images[0].url, statuses, logs }));
+} else {
+  const { request_id: requestId } = await fal.queue.submit("local/sdxl", { input });
+  let status = await fal.queue.status("local/sdxl", { requestId, logs: true });
+  while (status.status !== "COMPLETED") {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    status = await fal.queue.status("local/sdxl", { requestId, logs: true });
+  }
+  const result = await fal.queue.result("local/sdxl", { requestId });
+  const slow = await fal.queue.submit("local/sdxl", { input: { ...input, num_inference_steps: 50, width: 512, height: 512 } });
+  await fal.queue.cancel("local/sdxl", { requestId: slow.request_id });
+  let cancelError = null;
+  try {
+    await fal.queue.result("local/sdxl", { requestId: slow.request_id });
+  } catch (error) {
+    cancelError = { status: error.status, errorType: error.body?.error_type };
+  }
+  console.log(JSON.stringify({ requestId: result.requestId, seed: result.data.seed, status: status.status, cancelError }));
+}
