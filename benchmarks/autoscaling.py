@@ -1,11 +1,13 @@
 """Autoscaling under sustained streaming load, shown: replica count over time next to offered load.
 
-    python -m benchmarks.autoscaling
+    python -m benchmarks.autoscaling              # clients streaming
+    python -m benchmarks.autoscaling --load jobs  # clients submitting queue jobs and polling them
 
 One Ray node declaring 3 logical GPUs (so at most 3 one-GPU replicas fit, whatever `max_replicas`
 says), the production deployment settings with shorter delays so the demo takes two minutes, and
-the tiny model on the CPU. Load: 1 client, then 6 clients streaming back to back, then none.
-Writes benchmarks/results/autoscaling.md.
+the tiny model on the CPU. Load: 1 client, then 6 clients back to back, then none; a client either
+streams, or submits a job to the queue and polls its status as fal_client's `subscribe` does.
+Queued jobs must scale the replicas as streams do. Writes benchmarks/results/autoscaling[-jobs].md.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ BODY = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/autoscaling.md"))
+    parser.add_argument("--load", choices=["streams", "jobs"], default="streams")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out or Path(f"benchmarks/results/autoscaling{'-jobs' if args.load == 'jobs' else ''}.md")
 
     ray.init(num_cpus=8, num_gpus=3, include_dashboard=False, log_to_driver=False)
     harness = ServeHarness(free_port())
@@ -51,6 +55,7 @@ def main() -> None:
             "dtype": "auto",
             "warmup_size": None,
             "torch_threads": 1,
+            "job_store": "memory",
         },  # fmt: skip
         deployments={
             "SDXLIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
@@ -65,7 +70,10 @@ def main() -> None:
     def client(index: int) -> None:
         with httpx.Client(timeout=300) as http:
             while not stop.is_set() and index < offered["clients"]:
-                list(stream_events(http, f"{url}/stream", BODY))
+                if args.load == "jobs":
+                    run_job(http, url)
+                else:
+                    list(stream_events(http, f"{url}/stream", BODY))
                 completed[0] += 1
 
     samples = []
@@ -86,10 +94,11 @@ def main() -> None:
     stop.set()
 
     lines = [
-        "# Autoscaling under streaming load (tiny model, 1 node with 3 logical GPUs)",
+        f"# Autoscaling under {'queue jobs' if args.load == 'jobs' else 'streaming load'} "
+        "(tiny model, 1 node with 3 logical GPUs)",
         "",
-        f"`python -m benchmarks.autoscaling`; autoscaling_config: `{AUTOSCALING}`; "
-        f"each replica `num_gpus: 1`; {completed[0]} streams completed.",
+        f"`python -m benchmarks.autoscaling --load {args.load}`; autoscaling_config: `{AUTOSCALING}`; "
+        f"each replica `num_gpus: 1`; {completed[0]} {args.load} completed.",
         "",
         "| t (s) | clients | running replicas | replicas incl. pending | |",
         "|---|---|---|---|---|",
@@ -100,10 +109,17 @@ def main() -> None:
     lines += ["", f"Peak running replicas: {peak} (bounded by 3 GPUs); at the end: {final}."]
     report = "\n".join(lines) + "\n"
     print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
     ray.shutdown()
     raise SystemExit(0 if peak == 3 and final == 1 else 1)
+
+
+def run_job(http: httpx.Client, url: str) -> None:
+    """Submit, then poll at fal_client's 10/s until the job completes."""
+    job = http.post(f"{url}/queue/local/sdxl", json=BODY).json()
+    while http.get(job["status_url"]).json()["status"] != "COMPLETED":
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from serve_app.jobs.records import JobError, JobRecord, JobState
 
 logger = logging.getLogger("ray.serve")
 
-MAX_SNAPSHOTS = 20_000  # bounds memory: finished jobs beyond this (oldest first) are forgotten by the feed
+MAX_SNAPSHOTS = 5_000  # with up to 50 log lines each: tens of MB at most; older ones are read from the store
 
 
 class JobSnapshot(BaseModel):

@@ -30,6 +30,7 @@ from serve_app.errors import Cancelled, InternalError, ServiceError, classify, f
 from serve_app.jobs import JobError, JobRecord, JobStore, open_job_store
 from serve_app.jobs.feed import JobFeed, JobSnapshot
 from serve_app.jobs.webhooks import deliver, webhook_payload
+from serve_app.metrics import JobQueueMetrics
 from serve_app.schemas import ErrorBody, FinalEvent
 
 logger = logging.getLogger("ray.serve")
@@ -65,6 +66,7 @@ class JobQueue:
         )
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._feed = JobFeed(finished_ttl_s=config.job_result_ttl_s)
+        self._metrics = JobQueueMetrics()
         self._dispatched: dict[str, _Dispatched] = {}  # in dispatch order
         self._capacity = (0.0, 1)  # (checked at, jobs the SDXL replicas can run)
         self._wake = asyncio.Event()
@@ -154,7 +156,8 @@ class JobQueue:
         async with self._dispatching:  # the loop and submits: one pass at a time, or both could over-claim
             for request_id in await self._store.reclaim_expired(self._config.job_max_attempts):
                 await self._republish(request_id)
-            capacity = await self._current_capacity()
+            # Only with a backlog: counting replicas asks the controller (tens of ms of CPU).
+            capacity = await self._current_capacity() if await self._store.queued_ids() else 0
             while len(self._dispatched) < capacity + DISPATCH_AHEAD:
                 record = await self._store.claim(self._owner, self._config.job_lease_s)
                 if record is None:
@@ -225,6 +228,7 @@ class JobQueue:
 
     async def _mark_started(self, dispatched: _Dispatched) -> None:
         dispatched.started = True
+        self._metrics.wait.observe(max(0.0, time.time() - dispatched.record.submitted_at))
         dispatched.record.logs.append(fal_log("Started"))
         await self._store.append_logs(dispatched.record.request_id, [dispatched.record.logs[-1]])
         self._feed.put(JobSnapshot.of(dispatched.record, state="IN_PROGRESS"))
@@ -278,7 +282,9 @@ class JobQueue:
 
     async def _publish_queue(self) -> None:
         waiting = [request_id for request_id, job in self._dispatched.items() if not job.started]
-        self._feed.set_queue(waiting + await self._store.queued_ids())
+        queued = waiting + await self._store.queued_ids()
+        self._feed.set_queue(queued)
+        self._metrics.queue_depth.set(len(queued))
 
     async def _republish(self, request_id: str) -> None:
         if (record := await self._store.get(request_id)) is not None:
@@ -287,6 +293,9 @@ class JobQueue:
                 await self._after_finish(record)
 
     async def _after_finish(self, record: JobRecord) -> None:
+        error_type = record.error.error_type if record.error else ""
+        outcome = "completed" if record.error is None else "cancelled" if error_type == "cancelled" else "failed"
+        self._metrics.jobs.inc(tags={"outcome": outcome, "error_type": error_type})
         if record.webhook_url:
             self._spawn(
                 deliver(

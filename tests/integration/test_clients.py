@@ -368,6 +368,9 @@ def test_custom_metrics_are_exported(local_url: str, serve_harness: ServeHarness
         "ray_sdxl_preview_encode_seconds_bucket",
         "ray_sdxl_requests_total",
         "ray_sdxl_rejections_total",
+        "ray_sdxl_jobs_total",  # the JS client's queue tests above ran jobs on this app
+        "ray_sdxl_job_queue_depth",
+        "ray_sdxl_job_wait_seconds_bucket",
     }
     deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
     while time.monotonic() < deadline:
