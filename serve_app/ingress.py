@@ -123,19 +123,32 @@ class SDXLIngress:
         return failure
 
     async def _relay(self, first: asyncio.Future, events: DeploymentResponseGenerator) -> AsyncIterator:
-        """SSE events until the final or error event; a failure of any kind becomes an error event."""
+        """SSE events until the final or error event; a failure of any kind becomes an error event,
+        after which the response is cut off (`StreamFailed`) so that fal clients raise too."""
+        failed = True
         try:
             event = await first
             while event is not None:
                 yield encode_event(event)
                 if is_terminal(event):
-                    return
+                    failed = event["type"] == "error"
+                    break
                 event = await _next_event(events)
-            yield error_event(InternalError("the stream ended without a result"))
+            else:
+                yield error_event(InternalError("the stream ended without a result"))
         except Exception as error:  # noqa: BLE001 - the client must see an error event, never a silent end
             yield error_event(self._failure(error))
         finally:
             _stop(events)  # stops the replica's work if the client went away
+        if failed:
+            raise StreamFailed("the stream ended with an error event; its response is cut off on purpose")
+
+
+class StreamFailed(Exception):
+    """Raised after a stream's error event: the server then ends the response without HTTP/1.1's last
+    chunk. curl, browsers and the playground have read the error event; `fal_client.stream` (which
+    reads every event as data) raises on the broken body, and `@fal-ai/client`'s `done()` rejects
+    instead of resolving to the error as if it were the result."""
 
 
 def _stop(events: DeploymentResponseGenerator) -> None:

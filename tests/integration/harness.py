@@ -109,11 +109,32 @@ class StreamedEvent:
 
 
 def stream_events(client: httpx.Client, url: str, body: dict, **kwargs) -> Iterator[StreamedEvent]:
-    """POST `body` to `url` and yield its SSE events as parsed JSON, as fal clients see them."""
+    """POST `body` to `url` and yield its SSE events as parsed JSON, as fal clients see them.
+
+    A failed stream ends with an `error` event and then a cut-off body (so that fal clients raise);
+    the cut after an error event ends the iteration, anywhere else it raises.
+    """
+    last = None
     with connect_sse(client, "POST", url, json=body, **kwargs) as source:
         source.response.raise_for_status()
-        for sse in source.iter_sse():
-            yield StreamedEvent(event=sse.event, data=json.loads(sse.data))
+        try:
+            for sse in source.iter_sse():
+                last = StreamedEvent(event=sse.event, data=json.loads(sse.data))
+                yield last
+        except httpx.RemoteProtocolError:
+            if last is None or last.event != "error":
+                raise
+
+
+def read_stream_body(response: httpx.Response) -> tuple[str, bool]:
+    """A streamed response's body as received, and whether it was cut off (a failed stream)."""
+    chunks = []
+    try:
+        for chunk in response.iter_raw():
+            chunks.append(chunk)
+    except httpx.RemoteProtocolError:
+        return b"".join(chunks).decode(), True
+    return b"".join(chunks).decode(), False
 
 
 def decode_image(file: dict) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -37,6 +38,12 @@ def tls_service(tmp_path_factory: pytest.TempPathFactory):
     config = yaml.safe_load((REPO / "configs" / "local-tls.yaml").read_text())
     port = free_port()
     config["http_options"].update(port=port, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    # A second app whose generations run past a 1 s deadline: a stream that fails after it started.
+    failing = copy.deepcopy({**config["applications"][0], "name": "deadline", "route_prefix": "/local/deadline"})
+    failing["args"]["request_timeout_s"] = 1
+    for deployment in failing["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0}  # `serve run` counts this machine's 2 cores
+    config["applications"].append(failing)
     config_path = directory / "local-tls.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a separate Ray instance
@@ -164,6 +171,27 @@ def test_fal_client_stream(tls_service: dict) -> None:
     assert events[-1]["seed"] == 3
 
 
+def test_fal_client_stream_raises_after_an_error_event(tls_service: dict) -> None:
+    """The error event arrives as the last event, then the cut-off body makes the client raise."""
+    slow = {**SMALL, "num_inference_steps": 50, "width": 512, "height": 512, "preview_interval": 1}
+    out = run_fal_client(
+        tls_service,
+        f"""
+import fal_client, json
+events = []
+try:
+    for event in fal_client.stream("local/deadline", arguments={slow!r}):
+        events.append(event)
+    raised = None
+except Exception as error:
+    raised = type(error).__name__
+print(json.dumps({{"raised": raised, "last": events[-1] if events else None}}))
+""",
+    )
+    assert out["raised"] == "RemoteProtocolError"
+    assert out["last"]["error_type"] == "deadline_exceeded"
+
+
 def test_fal_client_run(tls_service: dict) -> None:
     result = run_fal_client(
         tls_service,
@@ -222,6 +250,23 @@ def run_js(script: Path, base_url: str, mode: str) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def deadline_url(serve_harness: ServeHarness):
+    yield serve_harness.deploy("deadline-js", "/deadline-js", args={"request_timeout_s": 1})
+    serve_harness.remove("deadline-js")
+
+
+def test_js_client_done_rejects_after_an_error_event(deadline_url: str, js_client: Path) -> None:
+    slow = {**SMALL, "num_inference_steps": 50, "width": 512, "height": 512, "preview_interval": 1}
+    result = subprocess.run(
+        ["node", str(js_client), deadline_url, json.dumps(slow), "url"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "done" not in lines[-1] and lines[-1]["rejected"]["status"] == 500  # not resolved as a result
+    assert lines[-2]["event"]["error_type"] == "deadline_exceeded"  # the error event came through first
 
 
 # --- CLI --------------------------------------------------------------------------------------

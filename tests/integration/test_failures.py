@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from deployments.tiny import ensure_tiny_model
 from tests.integration.conftest import TEST_API_KEY as KEY
 from tests.integration.conftest import TEST_API_KEYS_ENV
-from tests.integration.harness import ServeHarness, sdxl_stats, stream_events
+from tests.integration.harness import ServeHarness, read_stream_body, sdxl_stats, stream_events
 
 SMALL = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 4}
 LONG = {"prompt": "a slow fox", "width": 512, "height": 512, "num_inference_steps": 50}
@@ -277,9 +277,10 @@ def test_without_a_model_replica_health_is_503_and_requests_end_not_hang(
 
         with client.stream("POST", f"{url}/stream", json=SMALL) as response:
             assert response.status_code == 200
-            raw = response.read().decode()
+            raw, cut_off = read_stream_body(response)
         assert raw.startswith(": keepalive")
         assert "event: error" in raw and '"error_type":"queue_timeout"' in raw
+        assert cut_off  # after the error event: so that fal clients raise
         assert 'data: {"type"' not in raw
 
         response = client.post(f"{url}/", json=SMALL)

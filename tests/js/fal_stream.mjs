@@ -4,7 +4,9 @@ import { fal } from "@fal-ai/client";
 
 const [baseUrl, inputJson, mode = "url"] = process.argv.slice(2);
 const input = JSON.parse(inputJson);
-const summary = (event) => ({ type: event.type, step: event.step, url: event.image?.url?.slice(0, 30), seed: event.seed });
+const summary = (event) => ({
+  type: event.type, step: event.step, url: event.image?.url?.slice(0, 30), seed: event.seed, error_type: event.error_type,
+});
 
 let stream;
 if (mode === "url") {
@@ -17,8 +19,16 @@ if (mode === "url") {
   });
   stream = await fal.stream("local/sdxl", { input });
 }
+// done() is taken before the loop: a failed stream rejects it while the loop still runs, and Node
+// ends the process on a rejection nobody has attached a handler to yet.
+const finished = stream.done();
+finished.catch(() => {});
 for await (const event of stream) {
   console.log(JSON.stringify({ event: summary(event) }));
 }
-const done = await stream.done();
-console.log(JSON.stringify({ done: summary(done), done_has_images: Array.isArray(done.images) }));
+try {
+  const done = await finished;
+  console.log(JSON.stringify({ done: summary(done), done_has_images: Array.isArray(done.images) }));
+} catch (error) {
+  console.log(JSON.stringify({ rejected: { status: error.status, message: error.message } }));
+}
