@@ -53,7 +53,8 @@ def main() -> None:
             "preview_decoder": "tiny",
             "device": "auto",
             "dtype": "auto",
-            "warmup_size": None,
+            "vae": None,
+            "warmup_sizes": [],
             "torch_threads": 1,
             "job_store": "memory",
         },  # fmt: skip

@@ -41,7 +41,7 @@ from deployments.engine import SDXLEngine
 from deployments.models import LoadedModels
 from serve_app.config import AppConfig
 from serve_app.schemas import GenerationRequest
-from tests.integration.harness import ServeHarness, free_port
+from tests.integration.harness import ServeHarness, free_port, load_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,6 +132,20 @@ def over_http(url: str, body: dict) -> tuple[float, float, float | None]:
     if final.get("type") != "final":  # a failed run is short, not fast
         raise RuntimeError(f"{url} ended without a final image: {str(final)[:300]}")
     return first, finished, final.get("timings", {}).get("total")
+
+
+def sdxl_actor_options(device: str, **options: float) -> dict:
+    """The SDXL replica's whole `ray_actor_options` (the harness replaces the YAML's, it does not merge):
+    the YAML's, or `options` instead, plus one GPU on CUDA. Without `num_gpus` Ray before 2.60 hides
+    the GPU from the actor (CUDA_VISIBLE_DEVICES=""), and 2.60 does not account for it."""
+    if not options:
+        sdxl = next(
+            d
+            for d in load_config("configs/local.yaml")["applications"][0]["deployments"]
+            if d["name"] == "SDXLDeployment"
+        )
+        options = sdxl.get("ray_actor_options", {})
+    return {**options, "num_gpus": 1} if device == "cuda" else dict(options)
 
 
 def _sync(models: LoadedModels) -> None:
@@ -248,7 +262,9 @@ def main() -> None:
     harness = ServeHarness(free_port())
     device = models.device.type  # every variant on the same device, never a silent fallback
     serve_args = {"model": args.model, "device": device}
-    base = harness.deploy("bench", "/", args=serve_args)
+    base = harness.deploy(
+        "bench", "/", args=serve_args, deployments={"SDXLDeployment": {"ray_actor_options": sdxl_actor_options(device)}}
+    )
     reference, reference_url = start_reference(args, device)
 
     variants = {
@@ -294,7 +310,7 @@ def main() -> None:
                      "height": args.throughput_size}  # fmt: skip
         # Each replica gets its own core, or its own GPU: two replicas on one GPU would only share it.
         gpus = torch.cuda.device_count() if device == "cuda" else 0
-        actor_options = {"num_cpus": 1, "num_gpus": 1} if gpus else {"num_cpus": 1}
+        actor_options = sdxl_actor_options(device, num_cpus=1)
         for replicas in (1, 2) if gpus != 1 else (1,):
             url = harness.deploy(
                 "bench",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,8 +19,8 @@ import torch
 
 from deployments.generation import END_OF_STREAM, GenerationRun, RunOutcome
 from deployments.models import LoadedModels, load_models
-from deployments.preview_worker import PreviewSettings, PreviewWorker
-from deployments.previews import PreviewSchedule, latents_to_pixels
+from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
+from deployments.previews import PreviewSchedule
 from serve_app.config import AppConfig
 from serve_app.schemas import GenerationRequest, StreamEvent
 
@@ -36,19 +37,20 @@ class SDXLEngine:
         """Load the models (and warm up when configured); the callbacks feed the deployment's metrics."""
         self.config = config
         self.models: LoadedModels = load_models(config)
-        self.previews = PreviewWorker(
+        self.previews: PreviewWorker = start_preview_worker(
             self.models.preview_decoder,
             PreviewSettings(max_size=config.preview_max_size, jpeg_quality=config.preview_jpeg_quality),
             on_rendered=on_preview_rendered,
         )
         self._on_run_finished = on_run_finished
-        if config.warmup_size:
-            self._warm_up(config.warmup_size)
         # One pipeline thread: the pipeline is not safe to call concurrently, and a long-lived
-        # thread keeps its OpenMP team (a fresh thread per run measured 4.6% slower).
+        # thread keeps its OpenMP team (a fresh thread per run measured 4.6% slower) and its
+        # cuBLAS/cuDNN handles, which the warm-up creates.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self._slot = asyncio.Lock()
         self._unusable_reason: str | None = None
+        for request in warmup_requests(config):
+            self._warm_up(request)
 
     @property
     def busy(self) -> bool:
@@ -92,26 +94,46 @@ class SDXLEngine:
         if self.models.device.type == "cuda" and not self.busy:
             torch.cuda.synchronize(self.models.device)
 
-    def _warm_up(self, size: int) -> None:
-        """Pay first-call costs (torch.compile, CUDA kernel selection) before the replica serves anyone."""
+    def _warm_up(self, request: GenerationRequest) -> None:
+        """Run one warm-up request as a user's runs: on the pipeline thread, previews through the
+        preview worker, the final decode. It pays torch.compile for its shape, CUDA kernel selection,
+        that thread's cuBLAS/cuDNN handles, the preview stream and pinned buffers before the replica
+        serves anyone. A failure here fails the replica's start."""
         started = time.perf_counter()
-        decoder = self.models.preview_decoder
+        run = GenerationRun(
+            self.models,
+            self.previews,
+            request,
+            PreviewSchedule(1),
+            final_jpeg_quality=self.config.final_jpeg_quality,
+            timeout_s=math.inf,  # compiling may take minutes, past any request's deadline
+            on_event=lambda event: None,
+        )
+        outcome = self._pipeline_thread.submit(run.execute).result()
+        if outcome.error is not None:
+            size = f"{request.width}x{request.height}"
+            raise RuntimeError(f"warm-up at {size} failed: {outcome.error.detail}") from outcome.error
+        logger.info(
+            "Warmed up at %dx%d, guidance %g, in %.1f s",
+            request.width,
+            request.height,
+            request.guidance_scale,
+            time.perf_counter() - started,
+        )
 
-        def decode_a_preview(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
-            latents_to_pixels(decoder, callback_kwargs["latents"])
-            return {}
 
-        # The pipeline's own decode path (with SDXL's VAE upcast), as a real request runs it.
-        with torch.inference_mode():
-            self.models.pipeline(
-                prompt="warm-up",
-                num_inference_steps=2,
-                width=size,
-                height=size,
-                output_type="pt",
-                callback_on_step_end=decode_a_preview,
-            )
-        logger.info("Warmed up at %dx%d in %.1f s", size, size, time.perf_counter() - started)
+def warmup_requests(config: AppConfig) -> list[GenerationRequest]:
+    """One short request per warm-up size of the config, with what its requests default to otherwise.
+
+    The guidance matters as much as the size: classifier-free guidance (`guidance_scale` > 1)
+    doubles the UNet's batch, another shape for torch.compile. Empty when no warm-up is configured.
+    """
+    defaults = config.apply_request_defaults(GenerationRequest(prompt="warm-up"))
+    short = {"num_inference_steps": 2, "preview_interval": 1, "seed": 0, "output_format": "jpeg"}
+    return [
+        defaults.model_copy(update={**short, "width": width, "height": height})
+        for width, height in config.warmup_image_sizes()
+    ]
 
 
 async def _wait_through_cancellation(done: asyncio.Future | Future) -> RunOutcome:

@@ -3,6 +3,9 @@
 Cancellation and deadlines are checked in the pipeline's `callback_on_step_end`, so denoising
 stops within one step. We raise there rather than set diffusers' `interrupt`, because
 `interrupt` skips the remaining steps but still runs the full VAE decode.
+
+The run's `RunOutcome`, not an event a departed client may never read, is what tells the engine
+whether the device survived.
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from deployments.models import LoadedModels
-from deployments.preview_worker import PreviewJob, PreviewWorker
+from deployments.preview_worker import PreviewRequest, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image
 from serve_app.errors import (
     DeadlineExceeded,
+    DeviceError,
     GenerationCancelled,
     GenerationFailed,
     ServiceError,
@@ -33,6 +38,8 @@ from serve_app.schemas import ErrorEvent, FinalEvent, GenerationRequest, Progres
 logger = logging.getLogger(__name__)
 
 END_OF_STREAM = None
+
+EventSink = Callable[[StreamEvent | None], None]  # called on the pipeline or preview thread
 
 
 RunStatus = Literal["completed", "cancelled", "failed"]
@@ -49,7 +56,11 @@ class RunOutcome:
 
 
 class GenerationRun:
-    """Create on the event loop, `execute` on the pipeline thread, read with `next_event`."""
+    """Create on the event loop, `execute` on the pipeline thread, read with `next_event`.
+
+    `on_event` replaces the queue that `next_event` reads (the engine's warm-up ignores its events);
+    without it the run must be created on the event loop that reads them.
+    """
 
     def __init__(
         self,
@@ -60,6 +71,7 @@ class GenerationRun:
         final_jpeg_quality: int,
         timeout_s: float,
         progress: bool = False,
+        on_event: EventSink | None = None,
     ) -> None:
         self._models = models
         self._previews = previews
@@ -68,10 +80,10 @@ class GenerationRun:
         self._final_jpeg_quality = final_jpeg_quality
         self._timeout_s = timeout_s
         self._progress = progress
-        self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._on_event = on_event or _threadsafe_put(asyncio.get_running_loop(), self._events)
         self._cancelled = threading.Event()
-        self._preview_error: BaseException | None = None
+        self._preview_failure: ServiceError | None = None
         self._deadline = float("inf")
         self._started = 0.0
         self._steps_completed = 0
@@ -89,6 +101,14 @@ class GenerationRun:
     def execute(self) -> RunOutcome:
         """Run the pipeline to the end; always finishes the event stream, whatever happens."""
         try:
+            outcome = self._run()
+        finally:
+            self._previews.discard()  # waits for a preview still rendering: its failure counts below
+            self._emit(END_OF_STREAM)
+        return self._with_fatal_preview_failure(outcome)
+
+    def _run(self) -> RunOutcome:
+        try:
             self._emit(self._generate())
             return self._outcome("completed")
         except GenerationCancelled:
@@ -102,9 +122,14 @@ class GenerationRun:
                 logger.exception("Generation failed")
             self._emit(ErrorEvent(detail=failure.detail, error_type=failure.error_type))
             return self._outcome("failed", failure)
-        finally:
-            self._previews.discard()
-            self._emit(END_OF_STREAM)
+
+    def _with_fatal_preview_failure(self, outcome: RunOutcome) -> RunOutcome:
+        """A device error in the preview path ends the replica even when the run ended otherwise first
+        (cancelled by the client, or failed for a recoverable reason)."""
+        failure = self._preview_failure
+        if failure is None or not failure.fatal or (outcome.error is not None and outcome.error.fatal):
+            return outcome
+        return self._outcome("failed", failure)
 
     def _outcome(self, status: RunStatus, error: ServiceError | None = None) -> RunOutcome:
         return RunOutcome(status, self._steps_completed, self._denoise_seconds, error)
@@ -115,17 +140,18 @@ class GenerationRun:
         self._deadline = started + self._timeout_s
         generator = torch.Generator(device=self._models.device).manual_seed(self.seed)
         with torch.inference_mode():
-            output = pipeline(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                num_inference_steps=request.num_inference_steps,
-                width=request.width,
-                height=request.height,
-                guidance_scale=request.guidance_scale,
-                generator=generator,
-                output_type="pt",  # checked for NaNs before it becomes an image
-                callback_on_step_end=self._on_step_end,
-            )
+            with vae_dtype_restored(pipeline.vae):
+                output = pipeline(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    num_inference_steps=request.num_inference_steps,
+                    width=request.width,
+                    height=request.height,
+                    guidance_scale=request.guidance_scale,
+                    generator=generator,
+                    output_type="pt",  # checked for NaNs before it becomes an image
+                    callback_on_step_end=self._on_step_end,
+                )
             images = output.images
             if not torch.isfinite(images).all():
                 raise GenerationFailed("the generated image contains NaN or infinite values")
@@ -155,36 +181,58 @@ class GenerationRun:
         if self._progress:
             self._emit(ProgressEvent(step=step, num_inference_steps=self._request.num_inference_steps))
         if self._schedule.is_preview_step(step):
-            self._previews.submit(self._preview_job(step, callback_kwargs["latents"]))
+            request = PreviewRequest(
+                step=step,
+                num_inference_steps=self._request.num_inference_steps,
+                latents=callback_kwargs["latents"],
+                deliver=self._emit,
+                fail=self._record_preview_error,
+            )
+            self._previews.submit(request)
         return {}
 
-    def _preview_job(self, step: int, latents: torch.Tensor) -> PreviewJob:
-        ready = None
-        copy = latents[:1].detach().clone()  # the loop goes on updating `latents` in place
-        if copy.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        return PreviewJob(
-            step=step,
-            num_inference_steps=self._request.num_inference_steps,
-            latents=copy,
-            deliver=self._emit,
-            fail=self._record_preview_error,
-            ready=ready,
-        )
-
     def _record_preview_error(self, error: BaseException) -> None:
-        self._preview_error = error
+        """The preview worker's report (its thread, or this one on a CPU); classified once, here, from the
+        original exception, so a device error in the preview path is a device error."""
+        failure = classify(error, fallback=GenerationFailed)
+        failure.detail = f"preview decoding failed: {failure.detail}"
+        if failure is not error:
+            failure.__cause__ = error
+        self._preview_failure = failure
 
     def _check_preview_error(self) -> None:
-        if self._preview_error is not None:
-            failure = classify(self._preview_error, fallback=GenerationFailed)
-            failure.detail = f"preview decoding failed: {failure.detail}"
-            raise failure from self._preview_error
+        if self._preview_failure is not None:
+            raise self._preview_failure
 
     def _emit(self, event: StreamEvent | None) -> None:
         if self._cancelled.is_set() and event is not END_OF_STREAM:
             return
+        self._on_event(event)
+
+
+def _threadsafe_put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> EventSink:
+    def put(event: StreamEvent | None) -> None:
         # A closed loop means the replica is shutting down and nobody is listening.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    return put
+
+
+@contextlib.contextmanager
+def vae_dtype_restored(vae: torch.nn.Module) -> Iterator[None]:
+    """Put the VAE back in its dtype after the pipeline call, whatever happened.
+
+    SDXL's pipeline upcasts a float16 VAE whose config says `force_upcast` to float32 for the final
+    decode and casts it back only when the decode returns: after a failed decode every later one
+    would fail on a Half/Float mismatch. If the cast back fails too, the replica cannot serve again.
+    """
+    dtype = vae.dtype
+    try:
+        yield
+    finally:
+        if vae.dtype != dtype:
+            try:
+                vae.to(dtype=dtype)
+            except Exception as error:
+                raise DeviceError(f"the VAE could not be cast back to {dtype}: {error}") from error

@@ -6,6 +6,7 @@ All three go through `from_pretrained`, so the built-in tiny model exercises the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +93,21 @@ def _optimize_for_cuda(pipeline: StableDiffusionXLPipeline, decoder: Autoencoder
     for module in (pipeline.unet, pipeline.vae, decoder):
         module.to(memory_format=torch.channels_last)
     if pipeline.vae.config.force_upcast and pipeline.vae.dtype == torch.float16:
-        logger.info("SDXL's VAE upcasts to float32 to decode; set `vae: madebyollin/sdxl-vae-fp16-fix` to avoid it")
+        logger.warning(
+            "This VAE upcasts to float32 for every decode (its config says force_upcast): slower, and it converts "
+            "its weights twice per request; set `vae: madebyollin/sdxl-vae-fp16-fix` to decode in float16"
+        )
     if compile_models:
-        pipeline.unet = torch.compile(pipeline.unet)
-        pipeline.vae.decode = torch.compile(pipeline.vae.decode)
+        compile_pipeline(pipeline)
+
+
+def compile_pipeline(pipeline: StableDiffusionXLPipeline, backend: str | Callable = "inductor") -> None:
+    """torch.compile the UNet and the VAE decoder with static shapes: one graph per shape (size, and
+    the UNet's batch: 2 with classifier-free guidance, 1 without), each compiled on its first call,
+    which the engine's warm-up makes for every configured size. Static rather than dynamic: a second
+    size would otherwise make dynamo recompile a dynamic graph that then serves every shape, slower."""
+    pipeline.unet = torch.compile(pipeline.unet, backend=backend, dynamic=False)
+    pipeline.vae.decode = torch.compile(pipeline.vae.decode, backend=backend, dynamic=False)
 
 
 def _tiny_dir(config: AppConfig) -> Path:

@@ -1,19 +1,25 @@
-"""A replica's preview encoder: decodes and encodes previews off the denoising loop.
+"""A replica's preview worker: renders previews off the denoising loop, one class per device.
 
-On a GPU the loop only hands over a copy of the latents: the TAESD decode runs on a side CUDA
-stream, its pixels reach pinned host memory by a non-blocking copy, and the JPEG/base64 encoding
-runs on this worker's thread, all overlapping denoising. On a CPU there is no idle hardware to
-overlap with (a second decode thread only fights the loop's OpenMP threads for the same cores),
-so the small TAESD decode runs in the loop and only the encoding moves here. If the worker falls
-behind, a newer preview replaces the one still waiting (stale previews are dropped, never queued),
-so a slow encoder can neither stall nor flood a stream.
+Both kinds hand each preview to one daemon thread that encodes it (JPEG, base64) while denoising
+goes on. If that thread falls behind, a newer preview replaces the one still waiting (stale
+previews are dropped, never queued), so a slow encoder can neither stall nor flood a stream. They
+differ in where the TAESD decode runs; `start_preview_worker` picks one at replica start:
+
+- `CudaPreviewWorker`: the loop only hands over a copy of the latents. The decode runs on a side
+  CUDA stream and its pixels reach pinned host memory by a non-blocking copy, all overlapping
+  denoising.
+- `CpuPreviewWorker`: there is no idle hardware to overlap with (a second decode thread only fights
+  the loop's OpenMP threads for the same cores), so the small decode runs in the loop and only the
+  encoding moves to the thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,19 +30,7 @@ from serve_app.schemas import PreviewEvent
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class PreviewJob:
-    """One preview to render; `deliver` gets the event, `fail` the exception if rendering fails."""
-
-    step: int
-    num_inference_steps: int
-    latents: torch.Tensor
-    deliver: Callable[[PreviewEvent], None]
-    fail: Callable[[BaseException], None]
-    ready: torch.cuda.Event | None = None  # recorded after the copy on the producing CUDA stream
-    pixels: torch.Tensor | None = None  # already decoded (CPU): the worker only encodes
-    decode_seconds: float = 0.0
+PixelSource = Callable[[], torch.Tensor]  # called on the worker's thread: uint8 HWC pixels on the CPU
 
 
 @dataclass(frozen=True)
@@ -45,9 +39,27 @@ class PreviewSettings:
     jpeg_quality: int
 
 
-class PreviewWorker:
-    """Owns one daemon thread. On a GPU `submit` only hands over the job; on a CPU it decodes in the
-    caller's thread first (see the module docstring) and hands over the encoding."""
+@dataclass(frozen=True)
+class PreviewRequest:
+    """What a run hands over at a preview step. `latents` is the pipeline's own tensor, to be read
+    during `submit` only; `deliver` gets the event, `fail` the exception if rendering fails."""
+
+    step: int
+    num_inference_steps: int
+    latents: torch.Tensor
+    deliver: Callable[[PreviewEvent], None]
+    fail: Callable[[BaseException], None]
+
+
+@dataclass(frozen=True)
+class _PendingPreview:
+    request: PreviewRequest  # its `latents` are not read again: `pixels` holds what the thread needs
+    pixels: PixelSource
+    seconds_in_loop: float
+
+
+class PreviewWorker(ABC):
+    """One encoder thread behind `submit` / `drain` / `discard`; subclasses say where the decode runs."""
 
     def __init__(
         self,
@@ -56,32 +68,29 @@ class PreviewWorker:
         on_rendered: Callable[[float], None] | None = None,
     ) -> None:
         self._decoder = decoder
-        self._on_rendered = on_rendered  # gets each render's seconds (metrics)
         self._settings = settings
+        self._on_rendered = on_rendered  # gets each render's seconds, in the loop and on the thread (metrics)
         self._condition = threading.Condition()
-        self._pending: PreviewJob | None = None
+        self._pending: _PendingPreview | None = None
         self._busy = False
         self.dropped = 0  # previews replaced before they were rendered
-        on_cuda = decoder.device.type == "cuda"
-        self._stream = torch.cuda.Stream(device=decoder.device) if on_cuda else None
         self._thread = threading.Thread(target=self._serve_forever, name="preview-encoder", daemon=True)
         self._thread.start()
 
-    def submit(self, job: PreviewJob) -> None:
-        if self._stream is None:  # CPU: decode here, in the loop (see the module docstring)
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    job.pixels = latents_to_pixels(self._decoder, job.latents)
-            except Exception as error:  # noqa: BLE001 - reported to the run, which ends the stream
-                logger.exception("Preview for step %d failed", job.step)
-                job.fail(error)
-                return
-            job.decode_seconds = time.perf_counter() - started
+    def submit(self, request: PreviewRequest) -> None:
+        """Called in the denoising loop (the step callback); never waits for the encoder thread."""
+        started = time.perf_counter()
+        try:
+            pixels = self._hand_over(request.latents)
+        except Exception as error:  # noqa: BLE001 - reported to the run, which ends the stream
+            logger.exception("Preview for step %d failed", request.step)
+            request.fail(error)
+            return
+        pending = _PendingPreview(request, pixels, time.perf_counter() - started)
         with self._condition:
             if self._pending is not None:
                 self.dropped += 1
-            self._pending = job
+            self._pending = pending
             self._condition.notify_all()
 
     def drain(self) -> None:
@@ -95,46 +104,86 @@ class PreviewWorker:
             self._pending = None
             self._condition.wait_for(lambda: not self._busy)
 
+    @abstractmethod
+    def _hand_over(self, latents: torch.Tensor) -> PixelSource:
+        """In the loop: whatever must happen before the loop goes on; returns what the thread calls for the pixels."""
+
     def _serve_forever(self) -> None:
         while True:
             with self._condition:
                 self._condition.wait_for(lambda: self._pending is not None)
-                job, self._pending, self._busy = self._pending, None, True
+                pending, self._pending, self._busy = self._pending, None, True
+            request = pending.request
             try:
                 started = time.perf_counter()
-                event = self.render(job)
+                image = pixels_to_image(pending.pixels(), self._settings.max_size)
+                event = PreviewEvent(
+                    step=request.step,
+                    num_inference_steps=request.num_inference_steps,
+                    image=encode_image(image, "jpeg", self._settings.jpeg_quality),
+                )
                 if self._on_rendered is not None:
-                    self._on_rendered(job.decode_seconds + time.perf_counter() - started)
-                job.deliver(event)
+                    self._on_rendered(pending.seconds_in_loop + time.perf_counter() - started)
+                request.deliver(event)
             except BaseException as error:  # noqa: BLE001 - reported to the run, which ends the stream
-                logger.exception("Preview for step %d failed", job.step)
-                job.fail(error)
+                logger.exception("Preview for step %d failed", request.step)
+                request.fail(error)
             finally:
                 with self._condition:
                     self._busy = False
                     self._condition.notify_all()
 
-    def _decode_on_side_stream(self, job: PreviewJob) -> torch.Tensor:
+
+class CpuPreviewWorker(PreviewWorker):
+    """Decodes in the loop (nothing idle to overlap with on a CPU); the thread only encodes."""
+
+    def _hand_over(self, latents: torch.Tensor) -> PixelSource:
+        with torch.inference_mode():
+            pixels = latents_to_pixels(self._decoder, latents)
+        return lambda: pixels
+
+
+class CudaPreviewWorker(PreviewWorker):
+    """Copies the latents in the loop; decodes on a side CUDA stream on the thread."""
+
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        settings: PreviewSettings,
+        on_rendered: Callable[[float], None] | None = None,
+    ) -> None:
+        self._stream = torch.cuda.Stream(device=decoder.device)
+        super().__init__(decoder, settings, on_rendered)
+
+    def _hand_over(self, latents: torch.Tensor) -> PixelSource:
+        # `scheduler.step` returns new latents rather than updating them in place, so the copy is
+        # cheap insurance: a scheduler or callback that did write in place would change a waiting preview.
+        copy = latents[:1].detach().clone()
+        ready = torch.cuda.Event()
+        ready.record()  # on the loop's stream, after the copy: the side stream waits for it, the loop does not
+        return functools.partial(self._decode_on_side_stream, copy, ready)
+
+    def _decode_on_side_stream(self, latents: torch.Tensor, ready: torch.cuda.Event) -> torch.Tensor:
         """Decode after the step that made the latents, then copy to pinned host memory without blocking
-        the stream; only this worker thread waits for the copy, never the denoising loop."""
+        the stream; only this thread waits for the copy, never the denoising loop."""
         with torch.inference_mode(), torch.cuda.stream(self._stream):
-            if job.ready is not None:
-                self._stream.wait_event(job.ready)
-            on_device = decode_latents(self._decoder, job.latents)
+            self._stream.wait_event(ready)
+            # Allocated on the loop's stream, read on this one: keep the allocator from handing the memory
+            # back to the loop while this stream's kernels may still read it (a decode failing after launch).
+            latents.record_stream(self._stream)
+            on_device = decode_latents(self._decoder, latents)
             pixels = torch.empty(on_device.shape, dtype=torch.uint8, pin_memory=True)
             pixels.copy_(on_device, non_blocking=True)
             copied = self._stream.record_event(torch.cuda.Event(blocking=True))  # sleeps; a spin would hold a core
         copied.synchronize()
         return pixels
 
-    def render(self, job: PreviewJob) -> PreviewEvent:
-        """Decode on a side CUDA stream (GPU) unless decoded already (CPU), then encode."""
-        pixels = job.pixels
-        if pixels is None:
-            pixels = self._decode_on_side_stream(job)
-        image = pixels_to_image(pixels, self._settings.max_size)
-        return PreviewEvent(
-            step=job.step,
-            num_inference_steps=job.num_inference_steps,
-            image=encode_image(image, "jpeg", self._settings.jpeg_quality),
-        )
+
+def start_preview_worker(
+    decoder: torch.nn.Module,
+    settings: PreviewSettings,
+    on_rendered: Callable[[float], None] | None = None,
+) -> PreviewWorker:
+    """The worker for the decoder's device, chosen once, at replica start."""
+    worker_class = CudaPreviewWorker if decoder.device.type == "cuda" else CpuPreviewWorker
+    return worker_class(decoder, settings, on_rendered)

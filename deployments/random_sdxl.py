@@ -2,7 +2,9 @@
 
 Same shapes and compute as real SDXL (UNet 2.6B, both text encoders, VAE) and a full-size
 TAESDXL-shaped decoder, built from the configs in `sdxl_architecture/` with no download. Random
-weights make noise, not pictures: use it to measure, never to serve.
+weights make noise, not pictures: use it to measure, never to serve. Its VAE decodes in the
+pipeline's dtype, as madebyollin/sdxl-vae-fp16-fix (same architecture, `force_upcast: false`) does
+in the shipped GPU configs; random weights stay far inside float16's range (peaks of ~10^2).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def build_components(device: torch.device | str = "cpu") -> dict[str, torch.nn.M
     with torch.device(device):
         return {
             "unet": UNet2DConditionModel.from_config(_config("unet")),
-            "vae": AutoencoderKL.from_config(_config("vae")),
+            "vae": AutoencoderKL.from_config({**_config("vae"), "force_upcast": False}),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**_config("text_encoder"))),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**_config("text_encoder_2"))),
             "preview_decoder": AutoencoderTiny.from_config(_config("preview_decoder")),

@@ -15,6 +15,7 @@ from serve_app.schemas import GenerationRequest
 TINY_MODEL = "tiny"
 RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timing only
 TAESDXL = "madebyollin/taesdxl"
+COMPILED_SHAPES_LIMIT = 8  # torch._dynamo.config.recompile_limit's default: graphs per compiled function
 
 
 APP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -53,13 +54,20 @@ class AppConfig(BaseModel):
         description="A replacement VAE (directory or hub id), e.g. madebyollin/sdxl-vae-fp16-fix, "
         "which decodes in float16 without SDXL's float32 upcast.",
     )
-    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the UNet and VAE decoder (CUDA only), one static graph per image shape: "
+        "list every size the service should serve fast in `warmup_sizes`.",
+    )
     warmup_size: int | None = Field(
-        default=None,
-        ge=128,
-        le=2048,
-        description="Run a short generation of this size at replica start (compilation, CUDA kernels), "
-        "so the first user does not pay for it.",
+        default=None, ge=128, le=2048, multiple_of=8, description="Shorthand for `warmup_sizes: [NxN]`."
+    )
+    warmup_sizes: list[str] = Field(
+        default_factory=list,
+        description="'WIDTHxHEIGHT' sizes to run a short generation at, at replica start, as a request with "
+        "the request defaults' other fields runs (its CUDA kernels, the preview stream; with `compile` its "
+        "graphs), so the first user does not pay for it. With `compile` the defaults' size must be listed; "
+        "any other size, or the other side of classifier-free guidance, compiles on first use (about a minute).",
     )
     scheduler: str | None = Field(
         default=None, description="A diffusers scheduler class name to replace the model's own (few-step models)."
@@ -144,6 +152,43 @@ class AppConfig(BaseModel):
         if self.model == RANDOM_SDXL and chosen:
             raise ValueError(f"'{RANDOM_SDXL}' builds all of its networks; {', '.join(chosen)} cannot apply to it")
         return self
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _warmup_sizes_are_request_sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            width, _, height = size.partition("x")
+            if not (width.isdigit() and height.isdigit()):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT, e.g. '1024x1024'")
+            GenerationRequest.model_validate({"prompt": "check", "width": int(width), "height": int(height)})
+        return sizes
+
+    @model_validator(mode="after")
+    def _compiled_shapes_are_warmed_up(self) -> AppConfig:
+        """Compiling a shape takes about a minute: the default request's must be paid at replica start."""
+        if not self.compile:
+            return self
+        defaults = self.apply_request_defaults(GenerationRequest(prompt="check"))
+        sizes = self.warmup_image_sizes()
+        if (defaults.width, defaults.height) not in sizes:
+            raise ValueError(
+                f"compile: true compiles each image size on first use (about a minute): add the request "
+                f"defaults' size '{defaults.width}x{defaults.height}' to `warmup_sizes`"
+            )
+        if len(sizes) > COMPILED_SHAPES_LIMIT:
+            raise ValueError(
+                f"torch.compile keeps at most {COMPILED_SHAPES_LIMIT} graphs per function "
+                f"(torch._dynamo.config.recompile_limit); {len(sizes)} warm-up sizes would run some uncompiled"
+            )
+        return self
+
+    def warmup_image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each warm-up run, without repeats: `warmup_size`'s square, then `warmup_sizes`."""
+        sizes = [(self.warmup_size, self.warmup_size)] if self.warmup_size else []
+        for size in self.warmup_sizes:
+            width, height = size.split("x")
+            sizes.append((int(width), int(height)))
+        return list(dict.fromkeys(sizes))
 
     def apply_request_defaults(self, request: GenerationRequest) -> GenerationRequest:
         """The request with `request_defaults` filled in where the client sent nothing."""

@@ -11,12 +11,19 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.sdxl import SDXLDeployment
 from serve_app.config import AppConfig
 from serve_app.ingress import SDXLIngress
+from serve_app.jobs.job_queue import JobQueue
+from serve_app.schemas import GenerationRequest
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "configs" / "kuberay-rayservice.yaml"
 CONFIGS = sorted([REPO / "serve_config.yaml", *(REPO / "configs").glob("*.yaml")])
 CONFIGS.remove(KUBERAY)
-DEPLOYMENT_NAMES = {SDXLIngress.name, SDXLDeployment.name}
+DEPLOYMENT_NAMES = {SDXLIngress.name, JobQueue.name, SDXLDeployment.name}
+
+
+def kuberay_documents() -> dict[str, dict]:
+    """The manifest's documents by kind."""
+    return {document["kind"]: document for document in yaml.safe_load_all(KUBERAY.read_text())}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
@@ -47,7 +54,7 @@ def test_local_config_is_the_offline_cpu_default() -> None:
 
 
 def test_kuberay_service_runs_the_production_serve_config() -> None:
-    manifest = yaml.safe_load(KUBERAY.read_text())
+    manifest = kuberay_documents()["RayService"]
     assert manifest["kind"] == "RayService"
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert serve_config == yaml.safe_load((REPO / "serve_config.yaml").read_text())
@@ -80,3 +87,68 @@ def test_few_step_variant_is_configuration_only() -> None:
     config = AppConfig.model_validate(turbo["args"])
     assert config.scheduler == "EulerAncestralDiscreteScheduler"
     assert config.request_defaults["num_inference_steps"] <= 4 and config.request_defaults["guidance_scale"] == 0
+
+
+FP16_SAFE_VAES = {"madebyollin/sdxl-vae-fp16-fix"}  # config `force_upcast: false`: decodes in float16
+
+
+def serve_configs() -> dict[str, dict]:
+    """Every shipped Serve config by name, the one inside the KubeRay manifest included."""
+    configs = {path.name: yaml.safe_load(path.read_text()) for path in CONFIGS}
+    configs[KUBERAY.name] = yaml.safe_load(kuberay_documents()["RayService"]["spec"]["serveConfigV2"])
+    return configs
+
+
+def cuda_apps() -> list[tuple[str, dict]]:
+    return [
+        (f"{name}:{app['name']}", app)
+        for name, config in serve_configs().items()
+        for app in config["applications"]
+        if app["args"].get("device") == "cuda"
+    ]
+
+
+@pytest.mark.parametrize(("name", "app"), cuda_apps(), ids=lambda value: value if isinstance(value, str) else "")
+def test_every_cuda_config_is_set_up_for_the_gpu(name: str, app: dict) -> None:
+    """A GPU for the SDXL replica (without `num_gpus` Ray hides it, or does not account for it); in
+    float16 a VAE that decodes in float16 (SDXL's own upcasts to float32 for every image); a warm-up
+    at the shape its requests default to."""
+    config = AppConfig.model_validate(app["args"])
+    sdxl = next(d for d in app["deployments"] if d["name"] == SDXLDeployment.name)
+    assert sdxl["ray_actor_options"]["num_gpus"] >= 1
+    if config.dtype in ("float16", "auto"):
+        assert config.vae in FP16_SAFE_VAES, f"{name}: float16 on CUDA without an fp16-safe `vae`"
+    defaults = config.apply_request_defaults(GenerationRequest(prompt="check"))
+    assert (defaults.width, defaults.height) in config.warmup_image_sizes()
+
+
+def test_there_are_cuda_configs_to_check() -> None:
+    assert {name.split(":")[0] for name, _ in cuda_apps()} >= {
+        "serve_config.yaml",
+        "sdxl-turbo.yaml",
+        "kuberay-rayservice.yaml",
+    }
+
+
+def test_overhead_benchmark_gives_its_gpu_replicas_a_gpu() -> None:
+    """The harness replaces a deployment's `ray_actor_options` rather than merging: the benchmark
+    passes them whole, local.yaml's plus `num_gpus` on CUDA."""
+    from benchmarks.overhead import sdxl_actor_options
+
+    local = yaml.safe_load((REPO / "configs/local.yaml").read_text())["applications"][0]["deployments"]
+    local_options = next(d for d in local if d["name"] == SDXLDeployment.name)["ray_actor_options"]
+    assert sdxl_actor_options("cuda") == {**local_options, "num_gpus": 1}
+    assert sdxl_actor_options("cpu") == local_options
+    assert sdxl_actor_options("cuda", num_cpus=1) == {"num_cpus": 1, "num_gpus": 1}
+
+
+def test_the_production_job_store_is_redis_with_its_url_from_a_secret() -> None:
+    documents = kuberay_documents()
+    args = yaml.safe_load(documents["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    config = AppConfig.model_validate(args)
+    assert config.job_store == "redis"
+    (workers,) = documents["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    env = {item["name"]: item for item in workers["template"]["spec"]["containers"][0]["env"]}
+    assert env[config.redis_url_env]["valueFrom"]["secretKeyRef"]["name"] == "sdxl-serve-redis"
+    redis = documents["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--appendonly" in redis["args"] and documents["Service"]["metadata"]["name"] == "sdxl-redis"

@@ -26,6 +26,7 @@ def test_random_sdxl_has_sdxl_base_architecture() -> None:
     assert counts == SDXL_PARAMETERS
     assert components["unet"].config.addition_embed_type == "text_time"
     assert components["unet"].config.cross_attention_dim == 768 + 1280  # both encoders, concatenated
+    assert components["vae"].config.force_upcast is False  # decodes in float16, as sdxl-vae-fp16-fix does
 
 
 def test_scheduler_replacement(tmp_path: Path) -> None:

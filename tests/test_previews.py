@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 
 import pytest
 import torch
 from diffusers import AutoencoderTiny
 from PIL import Image
 
+from deployments.preview_worker import CpuPreviewWorker, PreviewRequest, PreviewSettings, start_preview_worker
 from deployments.previews import PreviewSchedule, encode_image, latents_to_pixels, pixels_to_image
+from serve_app.schemas import PreviewEvent
 
 
 @pytest.mark.parametrize(
@@ -62,16 +65,64 @@ def test_jpeg_quality_changes_size() -> None:
     assert len(encode_image(image, "jpeg", 95).url) > len(encode_image(image, "jpeg", 30).url)
 
 
-def test_latents_decode_to_8x_pixels_in_uint8() -> None:
+def tiny_decoder() -> AutoencoderTiny:
     torch.manual_seed(0)
-    decoder = AutoencoderTiny(
+    return AutoencoderTiny(
         encoder_block_out_channels=(8, 8, 8, 8),
         decoder_block_out_channels=(8, 8, 8, 8),
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
     ).eval()
+
+
+def test_latents_decode_to_8x_pixels_in_uint8() -> None:
+    decoder = tiny_decoder()
     with torch.inference_mode():
         pixels = latents_to_pixels(decoder, torch.randn(2, 4, 8, 12))  # a CFG batch: only the first is shown
     assert pixels.shape == (64, 96, 3)
     assert pixels.dtype == torch.uint8
     assert pixels.device.type == "cpu"
+
+
+def test_cpu_worker_decodes_in_the_loop_and_encodes_on_its_own_thread() -> None:
+    """On a CPU the decode runs in the caller (the denoising loop); only the encoding moves off it."""
+    decoder = tiny_decoder()
+    worker = start_preview_worker(decoder, PreviewSettings(max_size=64, jpeg_quality=70))
+    assert isinstance(worker, CpuPreviewWorker)
+    decode, decode_threads, deliver_threads = decoder.decode, [], []
+
+    def watched_decode(*args, **kwargs):
+        decode_threads.append(threading.current_thread())
+        return decode(*args, **kwargs)
+
+    decoder.decode = watched_decode
+    delivered: list[PreviewEvent] = []
+
+    def deliver(event: PreviewEvent) -> None:
+        deliver_threads.append(threading.current_thread())
+        delivered.append(event)
+
+    failures: list[BaseException] = []
+    worker.submit(PreviewRequest(3, 20, torch.randn(1, 4, 8, 12), deliver, failures.append))
+    worker.drain()
+    assert decode_threads == [threading.current_thread()]
+    assert [thread.name for thread in deliver_threads] == ["preview-encoder"]
+    assert [(event.step, event.num_inference_steps, event.image.width) for event in delivered] == [(3, 20, 64)]
+    assert failures == []
+
+
+def test_a_failed_preview_decode_reaches_the_run_as_it_was_raised() -> None:
+    """The run classifies the original exception (a CUDA error must stay a device error)."""
+    decoder = tiny_decoder()
+    worker = start_preview_worker(decoder, PreviewSettings(max_size=64, jpeg_quality=70))
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    decoder.decode = fail
+    delivered: list[PreviewEvent] = []
+    failures: list[BaseException] = []
+    worker.submit(PreviewRequest(0, 4, torch.randn(1, 4, 8, 8), delivered.append, failures.append))
+    worker.drain()
+    assert failures == [error] and delivered == []

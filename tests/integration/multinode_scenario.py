@@ -31,12 +31,14 @@ LONG = {**BODY, "width": 512, "height": 512, "num_inference_steps": 50}
 
 
 def production_like_config() -> dict:
-    """serve_config.yaml with the tiny model, two replicas, and device auto (CPU here)."""
+    """serve_config.yaml with the tiny model, two replicas, device auto (CPU here), jobs in memory."""
     config = copy.deepcopy(yaml.safe_load((REPO / "serve_config.yaml").read_text()))
     app = config["applications"][0]
-    app["args"].update(model="tiny", preview_decoder="tiny", device="auto", dtype="auto", warmup_size=None)
+    app["args"].update(
+        model="tiny", preview_decoder="tiny", vae=None, device="auto", dtype="auto", warmup_sizes=[], job_store="memory"
+    )
     for deployment in app["deployments"]:
-        if deployment["name"] == "SDXLIngress":
+        if deployment["name"] in ("SDXLIngress", "JobQueue"):
             # On the head, like the proxy, so losing a worker only loses model replicas.
             deployment.update(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {"head": 0.01}})
         else:

@@ -113,7 +113,14 @@ def turbo_url(serve_harness):
         "turbo",
         "/turbo",
         config_file="configs/sdxl-turbo.yaml",
-        args={"model": "tiny", "preview_decoder": "tiny", "device": "cpu", "dtype": "auto", "warmup_size": 128},
+        args={
+            "model": "tiny",
+            "preview_decoder": "tiny",
+            "vae": None,  # the config's fp16-fix VAE is a hub download
+            "device": "cpu",
+            "dtype": "auto",
+            "warmup_sizes": ["128x128"],
+        },
         deployments={
             "SDXLIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
             "SDXLDeployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0}},

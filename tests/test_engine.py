@@ -1,0 +1,193 @@
+"""The SDXL engine in-process: error events, whether the device stays usable after a failure, and
+health checks that never hold up a streaming run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments.engine import SDXLEngine
+from deployments.generation import GenerationRun, RunOutcome
+from deployments.sdxl import SDXLDeployment
+from serve_app.config import AppConfig
+from serve_app.schemas import GenerationRequest
+
+REQUEST = GenerationRequest(prompt="a red fox", num_inference_steps=3, width=128, height=128, seed=0)
+ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def engine(cache: Path) -> SDXLEngine:
+    return SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache), warmup_size=128))
+
+
+def collect(
+    engine: SDXLEngine, request: GenerationRequest = REQUEST, previews: bool = True, progress: bool = False
+) -> list[dict]:
+    async def run() -> list[dict]:
+        return [event.model_dump() async for event in engine.generate(request, previews, progress)]
+
+    return asyncio.run(run())
+
+
+def raising(error: Exception):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def failing_unet(engine: SDXLEngine, error: Exception):
+    unet = engine.models.pipeline.unet
+    original = unet.forward
+    unet.forward = raising(error)
+    return lambda: setattr(unet, "forward", original)
+
+
+def test_success_leaves_the_slot_free(engine: SDXLEngine) -> None:
+    events = collect(engine)
+    assert [event["type"] for event in events] == ["preview", "final"]
+    assert not engine.busy
+
+
+def test_ordinary_exception_is_an_error_event_and_device_stays_usable(engine: SDXLEngine) -> None:
+    restore = failing_unet(engine, ValueError("bad shapes"))
+    try:
+        events = collect(engine)
+    finally:
+        restore()
+    assert events == [{"type": "error", "detail": "ValueError: bad shapes", "error_type": "generation_failed"}]
+    engine.check_device()  # does not raise
+    assert [event["type"] for event in collect(engine)] == ["preview", "final"]
+
+
+def test_device_error_makes_the_device_unusable(cache: Path) -> None:
+    """A fake: a real fatal CUDA error needs a GPU, so the UNet raises the error CUDA would."""
+    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    failing_unet(engine, RuntimeError(ILLEGAL_ADDRESS))
+    events = collect(engine, previews=False)
+    assert [event["error_type"] for event in events] == ["device_error"]
+    with pytest.raises(RuntimeError, match="unusable"):
+        engine.check_device()  # the deployment's health check: Serve replaces the replica
+
+
+def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Path) -> None:
+    """cuBLAS reports running out of memory as a CUDA error; the device is still usable after it."""
+    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    failing_unet(engine, RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    events = collect(engine, previews=False)
+    assert [event["error_type"] for event in events] == ["out_of_memory"]
+    engine.check_device()  # does not raise: Serve keeps the replica
+
+
+def test_device_error_in_the_preview_path_makes_the_device_unusable(cache: Path) -> None:
+    """A fake, as above, raised by the preview decoder: the preview worker hands the run the original
+    exception, which is classified like any other, not as a generic preview failure."""
+    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    engine.models.preview_decoder.decode = raising(RuntimeError(ILLEGAL_ADDRESS))
+    events = collect(engine)
+    assert [event["error_type"] for event in events] == ["device_error"]
+    assert events[0]["detail"].startswith("preview decoding failed: device error: CUDA error")
+    with pytest.raises(RuntimeError, match="unusable"):
+        engine.check_device()
+
+
+@pytest.mark.parametrize("failing", ["unet", "preview decoder"])
+def test_device_error_in_a_run_the_client_left_still_makes_the_device_unusable(
+    cache: Path, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client leaves after the first event, and the (faked) device error comes after it: in the UNet
+    before the run reaches a step boundary, or from a preview decode the run only looks at after it
+    has seen the cancellation. Nobody reads the error event; the run's outcome still decides."""
+    outcomes: list[RunOutcome] = []
+    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)), on_run_finished=outcomes.append)
+    client_left = threading.Event()
+    cancel = GenerationRun.cancel
+    monkeypatch.setattr(GenerationRun, "cancel", lambda run: (cancel(run), client_left.set()))
+    unet = engine.models.pipeline.unet
+    forward, calls = unet.forward, []
+
+    def second_step_waits_for_the_client_to_leave(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            assert client_left.wait(timeout=30)
+            if failing == "unet":
+                raise RuntimeError(ILLEGAL_ADDRESS)
+        return forward(*args, **kwargs)
+
+    unet.forward = second_step_waits_for_the_client_to_leave
+    if failing == "preview decoder":
+        engine.models.preview_decoder.decode = raising(RuntimeError(ILLEGAL_ADDRESS))
+
+    async def leave_after_the_first_event() -> str:
+        stream = engine.generate(REQUEST.model_copy(update={"preview_interval": 1}), progress=True)
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                return event.type
+        return "none"
+
+    assert asyncio.run(leave_after_the_first_event()) == "progress"
+    (outcome,) = outcomes
+    assert (outcome.status, outcome.error.error_type) == ("failed", "device_error")
+    with pytest.raises(RuntimeError, match="unusable"):
+        engine.check_device()
+
+
+def test_health_check_does_not_hold_up_a_streaming_run(engine: SDXLEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check_health` runs `check_device` in a thread: while it is slow (as `torch.cuda.synchronize` is
+    behind queued GPU work; faked, there is no GPU here), the run's events keep reaching the client.
+    The slow check waits for the client to have read an event after the check began: run on the event
+    loop, it would wait in vain."""
+    deployment = SDXLDeployment.func_or_class.__new__(SDXLDeployment.func_or_class)
+    deployment._engine = engine  # only the engine: no Serve replica context, no metrics
+    check_device = engine.check_device
+    read_during_the_check = threading.Event()
+    waited: list[bool] = []
+
+    def slow_check_device() -> None:
+        waited.append(read_during_the_check.wait(timeout=10))
+        check_device()
+
+    monkeypatch.setattr(engine, "check_device", slow_check_device)
+
+    async def stream_while_checking() -> list[str]:
+        request = REQUEST.model_copy(update={"num_inference_steps": 4, "preview_interval": 1})
+        types: list[str] = []
+        health = None
+        async for event in engine.generate(request):
+            types.append(event.type)
+            if health is None:
+                health = asyncio.ensure_future(deployment.check_health())
+                await asyncio.sleep(0)  # the check starts before the next event is read
+            else:
+                read_during_the_check.set()
+        await health
+        return types
+
+    types = asyncio.run(stream_while_checking())
+    assert types[-1] == "final" and len(types) >= 2
+    assert waited == [True]
+
+
+def test_check_device_waits_for_the_gpu_only_between_runs(engine: SDXLEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake CUDA device (no GPU here): between runs the check synchronizes the device, and during a
+    run it does not wait behind that run's queued work."""
+    synchronized: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronized.append)
+    monkeypatch.setattr(engine, "models", dataclasses.replace(engine.models, device=torch.device("cuda")))
+    engine.check_device()
+    assert synchronized == [torch.device("cuda")]
+    monkeypatch.setattr(SDXLEngine, "busy", property(lambda engine: True))
+    engine.check_device()
+    assert synchronized == [torch.device("cuda")]

@@ -1,0 +1,203 @@
+"""The GPU path's own hazards, shown on the CPU: a float16 VAE after a failed decode, warm-up shapes
+under torch.compile, where the warm-up runs, and the config checks that keep GPU replicas fast."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import deployments.engine as engine_module
+from deployments.engine import SDXLEngine, warmup_requests
+from deployments.models import LoadedModels, compile_pipeline
+from deployments.preview_worker import CudaPreviewWorker
+from serve_app.config import AppConfig
+from serve_app.schemas import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def collect(engine: SDXLEngine, request: GenerationRequest, previews: bool = False) -> list[dict]:
+    async def run() -> list[dict]:
+        return [event.model_dump() async for event in engine.generate(request, previews)]
+
+    return asyncio.run(run())
+
+
+def request_at(config: AppConfig, width: int, height: int, **fields: object) -> GenerationRequest:
+    """A request as the ingress hands it over: the config's request defaults filled in."""
+    request = GenerationRequest(prompt="a red fox", num_inference_steps=2, width=width, height=height, seed=0, **fields)
+    return config.apply_request_defaults(request)
+
+
+def test_a_failed_decode_leaves_a_float16_vae_in_float16(cache: Path) -> None:
+    """SDXL's pipeline upcasts a float16 VAE that says `force_upcast` to float32 for the final decode and
+    casts it back only when the decode returns. The tiny model in float16 on the CPU (its ops run in
+    float16 there) with one injected decoder failure: the next request must still succeed."""
+    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", dtype="float16", cache_dir=str(cache)))
+    vae = engine.models.pipeline.vae
+    assert (vae.dtype, vae.config.force_upcast) == (torch.float16, True)
+    decoder_forward = vae.decoder.forward
+
+    def fail_once(*args, **kwargs):
+        vae.decoder.forward = decoder_forward
+        assert next(vae.parameters()).dtype == torch.float32  # the pipeline's upcast happened
+        raise RuntimeError("decode failed")
+
+    vae.decoder.forward = fail_once
+    request = GenerationRequest(prompt="a red fox", num_inference_steps=2, width=128, height=128, seed=0)
+    assert collect(engine, request) == [
+        {"type": "error", "detail": "RuntimeError: decode failed", "error_type": "generation_failed"}
+    ]
+    assert vae.dtype == torch.float16
+    assert [event["type"] for event in collect(engine, request)] == ["final"]
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch: pytest.MonkeyPatch):
+    """Every graph torch.compile builds for the engine's models, from the moment they are loaded.
+
+    Inductor's kernels are not what is tested (and are slow to build on 2 CPU cores): the graphs go to
+    a backend that counts them and runs them eagerly. Dynamo's shapes and guards, which decide when
+    a call compiles, are the same as with inductor."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    load_models = engine_module.load_models
+
+    def load_and_compile(config: AppConfig) -> LoadedModels:
+        models = load_models(config)
+        compile_pipeline(models.pipeline, backend=counting_backend)
+        return models
+
+    monkeypatch.setattr(engine_module, "load_models", load_and_compile)
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
+
+
+def test_warm_up_compiles_every_configured_shape(cache: Path, compiled_graphs: list) -> None:
+    """Turbo's case: request defaults of 128x128 (512x512 there) with `guidance_scale: 0`, a UNet batch
+    of 1, plus a second size. After the warm-up no request at those shapes compiles anything; a request
+    that turns classifier-free guidance on is another shape, and compiles (the documented exception)."""
+    config = AppConfig(
+        model="tiny",
+        device="cpu",
+        cache_dir=str(cache),
+        compile=True,
+        request_defaults={"width": 128, "height": 128, "guidance_scale": 0.0},
+        warmup_sizes=["128x128", "192x128"],
+    )
+    engine = SDXLEngine(config)
+    compiled_at_start = len(compiled_graphs)
+    assert compiled_at_start >= 4  # the UNet and the VAE decoder, at each size
+
+    for width, height in [(128, 128), (192, 128)]:
+        assert [event["type"] for event in collect(engine, request_at(config, width, height))] == ["final"]
+    assert len(compiled_graphs) == compiled_at_start
+
+    collect(engine, request_at(config, 128, 128, guidance_scale=7.5))
+    assert len(compiled_graphs) > compiled_at_start
+
+
+def test_warm_up_runs_on_the_pipeline_thread_through_the_preview_worker(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cuBLAS/cuDNN handles are per thread: the warm-up must run where requests run, and render its
+    previews through the preview worker (on CUDA its side stream and pinned buffers)."""
+    unet_threads: set[str] = set()
+    load_models = engine_module.load_models
+
+    def load_and_watch(config: AppConfig) -> LoadedModels:
+        models = load_models(config)
+        forward = models.pipeline.unet.forward
+
+        def watched_forward(*args, **kwargs):
+            unet_threads.add(threading.current_thread().name)
+            return forward(*args, **kwargs)
+
+        models.pipeline.unet.forward = watched_forward
+        return models
+
+    monkeypatch.setattr(engine_module, "load_models", load_and_watch)
+    rendered: list[float] = []
+    engine = SDXLEngine(
+        AppConfig(model="tiny", device="cpu", cache_dir=str(cache), warmup_sizes=["128x128", "128x192"]),
+        on_preview_rendered=rendered.append,
+    )
+    (warm_up_thread,) = unet_threads
+    assert warm_up_thread.startswith("sdxl-pipeline")
+    assert len(rendered) >= 2  # at least one preview per warm-up size
+    unet_threads.clear()
+    collect(engine, GenerationRequest(prompt="a red fox", num_inference_steps=2, width=128, height=128, seed=0))
+    assert unet_threads == {warm_up_thread}
+
+
+def test_warm_up_requests_are_the_served_shapes() -> None:
+    config = AppConfig(
+        request_defaults={"width": 512, "height": 512, "guidance_scale": 0.0, "num_inference_steps": 4},
+        warmup_size=512,
+        warmup_sizes=["512x512", "768x512"],
+    )
+    requests = warmup_requests(config)
+    assert [(r.width, r.height, r.guidance_scale) for r in requests] == [(512, 512, 0.0), (768, 512, 0.0)]
+    assert {(r.num_inference_steps, r.preview_interval) for r in requests} == {(2, 1)}  # short, every preview
+    assert warmup_requests(AppConfig()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"compile": True}, "add the request defaults' size '1024x1024'"),
+        ({"compile": True, "warmup_sizes": ["512x512"]}, "'1024x1024' to `warmup_sizes`"),
+        ({"compile": True, "warmup_sizes": [f"{1024 + 8 * n}x1024" for n in range(9)]}, "at most 8 graphs"),
+        ({"warmup_sizes": ["1024"]}, "not WIDTHxHEIGHT"),
+        ({"warmup_sizes": ["1000x1001"]}, "multiple of 8"),
+        ({"warmup_size": 1001}, "multiple of 8"),
+    ],
+)
+def test_warm_up_settings_that_would_leave_a_first_user_compiling_are_refused(args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AppConfig(**args)
+
+
+def test_compile_with_the_defaults_size_warmed_up_is_accepted() -> None:
+    config = AppConfig(
+        compile=True, request_defaults={"width": 512, "height": 512}, warmup_sizes=["512x512", "1024x1024"]
+    )
+    assert config.warmup_image_sizes() == [(512, 512), (1024, 1024)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_model_on_cuda(cache: Path) -> None:
+    """On a GPU (skipped elsewhere): float16, the warm-up, previews on the side stream, and a failed
+    float16 decode that leaves the next request working."""
+    engine = SDXLEngine(AppConfig(model="tiny", device="cuda", cache_dir=str(cache), warmup_sizes=["128x128"]))
+    assert isinstance(engine.previews, CudaPreviewWorker)
+    assert engine.models.pipeline.vae.dtype == torch.float16
+    request = GenerationRequest(
+        prompt="a red fox", num_inference_steps=4, width=128, height=128, seed=0, preview_interval=1
+    )
+    types = [event["type"] for event in collect(engine, request, previews=True)]
+    assert types[0] == "preview" and types[-1] == "final"
+
+    vae = engine.models.pipeline.vae
+    decoder_forward = vae.decoder.forward
+
+    def fail_once(*args, **kwargs):
+        vae.decoder.forward = decoder_forward
+        raise RuntimeError("decode failed")
+
+    vae.decoder.forward = fail_once
+    assert [event["error_type"] for event in collect(engine, request)] == ["generation_failed"]
+    assert [event["type"] for event in collect(engine, request)] == ["final"]
+    engine.check_device()
