@@ -48,3 +48,12 @@ def test_preview_cost_compares_tiny_and_full_size_sdxl(tmp_path: Path) -> None:
     assert len(shares) == 2, report
     # A TAESD decode is a few percent of an SDXL step's compute: the premise of cheap previews.
     assert 1.0 < float(shares["SDXL + TAESDXL, 1024px, FLOPs"]) < 10.0, report
+
+
+def test_request_cost_reports_each_small_request_beside_plain_fastapi(tmp_path: Path) -> None:
+    out = tmp_path / "request_cost.md"
+    run_benchmark("benchmarks.request_cost", "--requests", "40", "--repeats", "1", "--small-only",
+                  "--skip-slowdown", "--out", str(out))  # fmt: skip
+    report = out.read_text()
+    for row in (r"plain FastAPI `GET /health`", r"`GET /health` via Serve's proxy", r"queue status poll via proxy"):
+        assert re.search(rf"\| {row}[^|]*\|.*\| {NUMBER} \| {NUMBER}x \|", report), row
