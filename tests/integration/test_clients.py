@@ -1,4 +1,4 @@
-"""Issue 6: the clients people already use, the CLI, request ids, CORS, OpenAPI and metrics."""
+"""The clients people already use, the CLI, request ids, CORS, OpenAPI and metrics."""
 
 from __future__ import annotations
 

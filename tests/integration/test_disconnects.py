@@ -1,4 +1,4 @@
-"""Issue 3.1: a client that leaves stops the work, and the replica moves on to whoever waits."""
+"""A client that leaves stops the work, and the replica moves on to whoever waits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3: failures reach the client as errors, never as hangs or silent success, and are survived."""
+"""Failures reach the client as errors, never as hangs or silent success, and are survived."""
 
 from __future__ import annotations
 

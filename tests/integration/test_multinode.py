@@ -1,4 +1,4 @@
-"""Issue 4.1: a real multi-node Ray cluster on one machine (head + 2 GPU-declaring workers)."""
+"""A real multi-node Ray cluster on one machine (head + 2 GPU-declaring workers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6.3: the playground page in headless Chromium (Debian's, driven by Playwright)."""
+"""The playground page in headless Chromium (Debian's, driven by Playwright)."""
 
 from __future__ import annotations
 
