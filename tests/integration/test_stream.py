@@ -1,4 +1,5 @@
-"""The streaming contract users see (previews, then the final image), over real HTTP against the local config on the tiny model."""
+"""The streaming contract users see (previews, then the final image), over real HTTP against the
+local config on the tiny model."""
 
 from __future__ import annotations
 
