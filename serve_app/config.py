@@ -140,6 +140,24 @@ class AppConfig(BaseModel):
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=60, description="Per webhook attempt.")
     webhook_attempts: int = Field(default=3, ge=1, le=10, description="Tries per webhook, with backoff.")
 
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the service answers for (exact, '.example.com' for subdomains, '*' for any), "
+        "besides loopback names on a loopback address. Empty: on a loopback address only loopback names "
+        "(no DNS rebinding), elsewhere any. Set it when a front proxy on the same host forwards a public name.",
+    )
+    max_generations_per_client: int | None = Field(
+        default=None,
+        ge=1,
+        description="Streams, runs and queue jobs (queued or running) one client may have at once on an "
+        "ingress replica; beyond: 429 + Retry-After. The client is its API key, else its address. Off: None.",
+    )
+    client_address_header: str | None = Field(
+        default=None,
+        description="Header holding the client's address, set by a trusted front proxy (e.g. 'x-real-ip'); "
+        "used by `max_generations_per_client` without API keys. Never set it without such a proxy.",
+    )
+
     @field_validator("request_defaults")
     @classmethod
     def _defaults_are_valid_request_fields(cls, defaults: dict) -> dict:

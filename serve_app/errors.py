@@ -185,6 +185,43 @@ class WebhookNotAllowed(ServiceError):
     default_detail = "this service does not call that webhook"
 
 
+class RequestTimeout(ServiceError):
+    """The body did not arrive in time: a stalled or trickled upload holds nothing past its deadline."""
+
+    error_type = "request_timeout"
+    status_code = 408
+    default_detail = "the request body did not arrive in time"
+
+
+class HeadersTooLarge(ServiceError):
+    error_type = "headers_too_large"
+    status_code = 431
+    default_detail = "the request's headers are too large"
+
+
+class HostNotAllowed(ServiceError):
+    """A `Host` the service does not answer for: e.g. a DNS-rebinding page driving a loopback service."""
+
+    error_type = "host_not_allowed"
+    status_code = 400
+    default_detail = "this service does not answer for that Host"
+
+
+class TooManyRequests(ServiceError):
+    """The client already has `max_generations_per_client` generations in flight."""
+
+    error_type = "too_many_requests"
+    status_code = 429
+    default_detail = "too many generations in flight for this client; retry later"
+
+    def __init__(self, detail: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s or 1)))}
+
+
 class GenerationCancelled(Exception):
     """The client went away; raised inside the pipeline to stop denoising at the next step. Not an error."""
 
@@ -211,6 +248,10 @@ CATALOG: dict[str, type[ServiceError]] = {
         NotCompleted,
         AlreadyCompleted,
         WebhookNotAllowed,
+        RequestTimeout,
+        HeadersTooLarge,
+        HostNotAllowed,
+        TooManyRequests,
     )
 }
 

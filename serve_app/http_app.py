@@ -5,22 +5,33 @@ late-bound ingress, `__serve_build_asgi_app__`), so the middlewares get their se
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the routes.
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from serve_app.config import AppConfig
-from serve_app.errors import HttpError, MethodNotAllowed, NotFound, ServiceError, ValidationFailed
+from serve_app.edge import BODY_TIMEOUT_S, MAX_BODY_BYTES, MAX_HEAD_BYTES, BodyGuard, HeadSizeLimit, HostAllowList
+from serve_app.errors import (
+    HttpError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTimeout,
+    RequestTooLarge,
+    ServiceError,
+    ValidationFailed,
+)
 from serve_app.jobs.gateway import JobGateway
-from serve_app.middleware import ApiKeys, BodySizeLimit, FalRequestId, RequireApiKey
+from serve_app.middleware import ApiKeys, ClientConcurrencyLimit, FalRequestId, RequireApiKey, SecurityHeaders
 from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult, PreviewEvent
 
 PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
@@ -31,11 +42,13 @@ FAL_CLIENT_HEADERS = (
     "x-fal-request-timeout",
     "x-fal-object-lifecycle-preference",
 )
-MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
+MAX_VALIDATION_ERRORS = 20  # a body of unknown fields must not become megabytes of errors
+MAX_ERROR_TEXT = 200  # characters of any one string in an error item (a field name can be the whole body)
 
 ERROR_RESPONSES = {
     401: {"model": ErrorBody, "description": "API keys are configured and the request has none or a wrong one."},
     413: {"model": ErrorBody, "description": "The body is over 1 MiB."},
+    429: {"model": ErrorBody, "description": "`max_generations_per_client` reached: retry after `Retry-After`."},
     503: {"model": ErrorBody, "description": "Overloaded: retry after `Retry-After` seconds."},
 }
 STREAM_RESPONSES = {
@@ -69,7 +82,7 @@ class GenerationService(Protocol):
 
 
 def build_http_app(config: AppConfig, service: GenerationService, jobs: JobGateway) -> FastAPI:
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI with /docs and /redoc served from the package, not a CDN
         title="Streaming SDXL",
         description="fal-compatible SDXL: `POST /stream` streams TAESD previews then the final image as SSE; "
         f"`POST /` returns the final result as JSON; both also at `/{config.app_id}`, and fal's queue API "
@@ -103,10 +116,23 @@ def build_http_app(config: AppConfig, service: GenerationService, jobs: JobGatew
 
     app.openapi = lambda: _openapi_with_events(app)
 
-    # Added last runs first: the request id is on every response; CORS answers preflights before
-    # auth; auth rejects before the body is read; the body limit is closest to the routes.
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(RequireApiKey, keys=ApiKeys.from_env(config.api_keys_env))
+    # Added last runs first: the request id and security headers are on every response; a huge head
+    # or a foreign Host is refused before anything else; CORS answers preflights before auth; auth
+    # rejects before the body is read; the per-client limit counts only authenticated requests; the
+    # body is read (bounded in size and time) last, just before the routes.
+    keys = ApiKeys.from_env(config.api_keys_env)
+    app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, timeout_s=BODY_TIMEOUT_S, stop_on_disconnect=True)
+    if config.max_generations_per_client is not None:
+        app.add_middleware(
+            ClientConcurrencyLimit,
+            limit=config.max_generations_per_client,
+            generation_paths=["/", "/stream", f"/{config.app_id}", f"/{config.app_id}/stream"],
+            queue_path=f"/queue/{config.app_id}",
+            keys=keys,
+            job_in_flight=_job_in_flight(jobs),
+            address_header=config.client_address_header,
+        )
+    app.add_middleware(RequireApiKey, keys=keys)
     if config.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -122,6 +148,9 @@ def build_http_app(config: AppConfig, service: GenerationService, jobs: JobGatew
             expose_headers=["x-request-id", "x-fal-request-id", "x-fal-request-timeout-type", "retry-after"],
             max_age=600,
         )
+    app.add_middleware(HostAllowList, allowed=config.allowed_hosts)
+    app.add_middleware(HeadSizeLimit, max_bytes=MAX_HEAD_BYTES)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(FalRequestId)
     return app
 
@@ -162,6 +191,17 @@ def _add_queue_routes(app: FastAPI, config: AppConfig, jobs: JobGateway) -> None
         return await jobs.file(f"{request_id}/{name}")
 
 
+def _job_in_flight(jobs: JobGateway) -> Callable[[str], bool]:
+    """Whether a queue job is still queued or running, from this replica's job mirror (nothing leaves
+    the ingress); a job the mirror no longer holds has completed."""
+
+    def in_flight(request_id: str) -> bool:
+        snapshot = jobs._mirror.get(request_id)
+        return snapshot is not None and snapshot.state != "COMPLETED"
+
+    return in_flight
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Catalog errors raised by a route, and FastAPI's own rejections, in the catalog's shape."""
 
@@ -171,13 +211,21 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        # The echoed input is dropped: it can be the whole (large) body.
-        details = [{key: value for key, value in item.items() if key != "input"} for item in error.errors()]
-        return ValidationFailed(jsonable_encoder(details)).response()
+        return ValidationFailed(_bounded_errors(error.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        known: dict[int, type[ServiceError]] = {404: NotFound, 405: MethodNotAllowed}
+        if error.status_code == 400 and isinstance(error.__cause__, ValueError | RecursionError):
+            # FastAPI's "error parsing the body": not UTF-8 (or UTF-16/32), or nested past the parser's
+            # depth. Malformed JSON all the same, as `json.JSONDecodeError` is (FastAPI's 422).
+            item = {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error"}
+            return ValidationFailed(_bounded_errors([{**item, "ctx": {"error": str(error.__cause__)}}])).response()
+        known: dict[int, type[ServiceError]] = {
+            404: NotFound,
+            405: MethodNotAllowed,
+            408: RequestTimeout,
+            413: RequestTooLarge,
+        }
         if error.status_code in known:
             failure = known[error.status_code](str(error.detail))
         else:
@@ -185,6 +233,29 @@ def _add_error_handlers(app: FastAPI) -> None:
         response = failure.response()
         response.headers.update(error.headers or {})  # e.g. 405's `Allow`
         return response
+
+
+def _bounded_errors(errors: Sequence[dict]) -> list[dict]:
+    """Validation errors as the client reads them: without the echoed input (it can be the whole body),
+    at most `MAX_VALIDATION_ERRORS` items and `MAX_ERROR_TEXT` characters per string, then a count."""
+    shown = [
+        _truncated(jsonable_encoder({key: value for key, value in item.items() if key != "input"}))
+        for item in errors[:MAX_VALIDATION_ERRORS]
+    ]
+    if len(errors) > MAX_VALIDATION_ERRORS:
+        more = len(errors) - MAX_VALIDATION_ERRORS
+        shown.append({"type": "too_many_errors", "loc": ["body"], "msg": f"{more} more errors not shown"})
+    return shown
+
+
+def _truncated(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ERROR_TEXT else value[:MAX_ERROR_TEXT] + "..."
+    if isinstance(value, list):
+        return [_truncated(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _truncated(item) for key, item in value.items()}
+    return value
 
 
 def _openapi_with_events(app: FastAPI) -> dict:

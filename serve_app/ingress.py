@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -18,6 +18,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from serve_app.config import AppConfig
 from serve_app.errors import InternalError, NotReady, Overloaded, QueueTimeout, ServiceError, classify, from_body
@@ -60,8 +61,9 @@ class SDXLIngress:
             first.cancel()
             _stop(events)
             raise
-        return EventSourceResponse(
+        return RelayResponse(
             self._relay(first, events),
+            on_end=lambda: (first.cancel(), _stop(events)),
             ping=self.config.keepalive_s,
             ping_message_factory=keepalive_comment,
             sep=SEPARATOR,
@@ -142,6 +144,21 @@ class SDXLIngress:
             _stop(events)  # stops the replica's work if the client went away
         if failed:
             raise StreamFailed("the stream ended with an error event; its response is cut off on purpose")
+
+
+class RelayResponse(EventSourceResponse):
+    """An SSE response that stops the replica's work however it ends, even if it fails before its body
+    iterator ever started (whose own `finally` then never runs): `on_end` must be idempotent."""
+
+    def __init__(self, content: AsyncIterator, on_end: Callable[[], object], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
 
 
 class StreamFailed(Exception):

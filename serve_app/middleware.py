@@ -6,21 +6,28 @@ config in one place. Rejections are catalog errors rendered by `ServiceError.res
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import os
+import re
+from collections import Counter
+from collections.abc import Callable, Collection
 
 from ray.serve import context as serve_context
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.errors import RequestTooLarge, Unauthorized
+from serve_app.edge import is_valid_request_id
+from serve_app.errors import TooManyRequests, Unauthorized
 
 
 class FalRequestId:
     """Return the request's id as `x-fal-request-id` (what fal clients read) next to Serve's `x-request-id`.
 
     Serve takes the id from the client's `x-request-id` or makes one, and logs it in every deployment
-    the request reaches; it has no public getter, hence the private context call.
+    the request reaches; it has no public getter, hence the private context call. An id that is not
+    safe to echo is not (Serve's proxy with `serve_app.edge`'s filter never lets one through).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -32,7 +39,7 @@ class FalRequestId:
         request_id = serve_context._get_serve_request_context().request_id
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start" and request_id:
+            if message["type"] == "http.response.start" and request_id and is_valid_request_id(request_id):
                 headers = MutableHeaders(scope=message)
                 headers.setdefault("x-fal-request-id", request_id)  # a queue route sets its job's id
             await send(message)
@@ -56,11 +63,14 @@ class ApiKeys:
 
     def accepts(self, authorization: str | None) -> bool:
         """`Key <key>` (what fal clients send) or `Bearer <key>`; compared in constant time."""
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() not in ("key", "bearer"):
-            return False
-        candidate = key.strip().encode()
-        return any(hmac.compare_digest(candidate, known) for known in self._keys)
+        candidate = presented_key(authorization)
+        return candidate is not None and any(hmac.compare_digest(candidate, known) for known in self._keys)
+
+
+def presented_key(authorization: str | None) -> bytes | None:
+    """The key in `Authorization: Key <key>` or `Bearer <key>`, `None` for any other scheme."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip().encode() if scheme.lower() in ("key", "bearer") else None
 
 
 class RequireApiKey:
@@ -92,48 +102,146 @@ def _route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-class _BodyTooLarge(Exception):
-    pass
+PAGE_SCRIPT = re.compile(rb"<script(?P<attributes>[^>]*)>(?P<code>.*?)</script>", re.DOTALL | re.IGNORECASE)
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "referrer-policy": "no-referrer"}
+NON_PAGE_POLICY = "default-src 'none'; frame-ancestors 'none'"
 
 
-class BodySizeLimit:
-    """413 `request_too_large` for a body over `max_bytes`: by its declared length up front, else while
-    it streams in. (Starlette's own limit answers in plain text; fal clients read our JSON shape.)"""
+def page_policy(page: bytes) -> str:
+    """A Content-Security-Policy for one HTML page: its own inline scripts (by hash) and same-origin files
+    only; styles may be inline; images may be data URIs (previews are)."""
+    hashes = [
+        "'sha256-" + base64.b64encode(hashlib.sha256(match["code"]).digest()).decode() + "'"
+        for match in PAGE_SCRIPT.finditer(page)
+        if b"src=" not in match["attributes"].lower()
+    ]
+    return (
+        f"default-src 'none'; script-src 'self' {' '.join(hashes)}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; worker-src 'self' blob:; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class SecurityHeaders:
+    """Every response: `nosniff`, never framed, no referrer. An HTML page (the playground holds an API key
+    field; the docs) also gets a `page_policy`: no third-party or injected script runs in it.
+    A page is held until its last byte to hash its scripts; pages are a few KiB, every other response
+    passes through as it is sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send)
+        held: Message | None = None
+        page = bytearray()
 
-        received = 0
-        response_started = False
+        async def secure_send(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                if headers.get("content-type", "").startswith("text/html"):
+                    held = message
+                    return
+                headers.setdefault("content-security-policy", NON_PAGE_POLICY)
+            elif held is not None and message["type"] == "http.response.body":
+                page.extend(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                MutableHeaders(scope=held).setdefault("content-security-policy", page_policy(bytes(page)))
+                await send(held)
+                message = {**message, "body": bytes(page)}
+            await send(message)
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise _BodyTooLarge
-            return message
+        await self.app(scope, receive, secure_send)
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
+
+class ClientConcurrencyLimit:
+    """At most `limit` generations in flight per client on this ingress replica: a stream or a run while
+    it lasts, a queue job from its submit until it completes (`job_in_flight`, from the replica's job
+    mirror). Over it: 429 `too_many_requests` with `Retry-After`, before the body is read.
+
+    The client is its API key when keys are configured (`RequireApiKey` has checked it), else its
+    address: the connection's, or `address_header` when a trusted front proxy sets it.
+    """
+
+    SWEEP_EVERY = 256  # recorded jobs between sweeps of every client's finished jobs
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        generation_paths: Collection[str],
+        queue_path: str,
+        keys: ApiKeys,
+        job_in_flight: Callable[[str], bool],
+        address_header: str | None = None,
+        retry_after_s: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.generation_paths = frozenset(generation_paths)
+        self.queue_path = queue_path
+        self.keys = keys
+        self.job_in_flight = job_in_flight
+        self.address_header = address_header
+        self.retry_after_s = retry_after_s
+        self._requests: Counter[str] = Counter()  # streams, runs and submits being answered
+        self._jobs: dict[str, set[str]] = {}  # queue jobs submitted, until they complete
+        self._recorded = 0
+
+    def in_flight(self, client: str) -> int:
+        jobs = self._jobs.get(client)
+        if jobs:
+            jobs.difference_update([job for job in jobs if not self.job_in_flight(job)])
+            if not jobs:
+                del self._jobs[client]
+        return self._requests[client] + len(self._jobs.get(client, ()))
+
+    def client(self, scope: Scope) -> str:
+        headers = Headers(scope=scope)
+        if self.keys.enabled:
+            key = presented_key(headers.get("authorization")) or b""
+            return "key:" + hashlib.sha256(key).hexdigest()[:32]
+        forwarded = headers.get(self.address_header) if self.address_header else None
+        if forwarded:
+            return "address:" + forwarded.split(",")[-1].strip()
+        return "address:" + (scope["client"][0] if scope.get("client") else "unknown")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = _route_path(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path != self.queue_path and path not in self.generation_paths:
+            return await self.app(scope, receive, send)
+        client = self.client(scope)
+        if self.in_flight(client) >= self.limit:
+            error = TooManyRequests(
+                f"this client already has {self.limit} generations in flight", retry_after_s=self.retry_after_s
+            )
+            return await error.response()(scope, receive, send)
+        self._requests[client] += 1
+        submitted: str | None = None
+
+        async def recording_send(message: Message) -> None:
+            nonlocal submitted
+            if path == self.queue_path and message["type"] == "http.response.start" and message["status"] == 200:
+                submitted = MutableHeaders(scope=message).get("x-fal-request-id")
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if response_started:
-                raise
-            await self._reject(scope, receive, send)
+            await self.app(scope, receive, recording_send)
+        finally:
+            self._requests[client] -= 1
+            if self._requests[client] <= 0:
+                del self._requests[client]
+            if submitted:
+                self._record(client, submitted)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = RequestTooLarge(f"request body is larger than {self.max_bytes} bytes")
-        await error.response()(scope, receive, send)
+    def _record(self, client: str, job: str) -> None:
+        self._jobs.setdefault(client, set()).add(job)
+        self._recorded += 1
+        if self._recorded % self.SWEEP_EVERY == 0:
+            for known in list(self._jobs):
+                self.in_flight(known)

@@ -22,8 +22,9 @@ DEPLOYMENT_NAMES = {SDXLIngress.name, JobQueue.name, SDXLDeployment.name}
 
 
 def kuberay_documents() -> dict[str, dict]:
-    """The manifest's documents by kind."""
-    return {document["kind"]: document for document in yaml.safe_load_all(KUBERAY.read_text())}
+    """The manifest's documents by `kind/name`."""
+    documents = yaml.safe_load_all(KUBERAY.read_text())
+    return {f"{document['kind']}/{document['metadata']['name']}": document for document in documents}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
@@ -54,7 +55,7 @@ def test_local_config_is_the_offline_cpu_default() -> None:
 
 
 def test_kuberay_service_runs_the_production_serve_config() -> None:
-    manifest = kuberay_documents()["RayService"]
+    manifest = kuberay_documents()["RayService/sdxl-serve"]
     assert manifest["kind"] == "RayService"
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert serve_config == yaml.safe_load((REPO / "serve_config.yaml").read_text())
@@ -95,7 +96,7 @@ FP16_SAFE_VAES = {"madebyollin/sdxl-vae-fp16-fix"}  # config `force_upcast: fals
 def serve_configs() -> dict[str, dict]:
     """Every shipped Serve config by name, the one inside the KubeRay manifest included."""
     configs = {path.name: yaml.safe_load(path.read_text()) for path in CONFIGS}
-    configs[KUBERAY.name] = yaml.safe_load(kuberay_documents()["RayService"]["spec"]["serveConfigV2"])
+    configs[KUBERAY.name] = yaml.safe_load(kuberay_documents()["RayService/sdxl-serve"]["spec"]["serveConfigV2"])
     return configs
 
 
@@ -144,11 +145,24 @@ def test_overhead_benchmark_gives_its_gpu_replicas_a_gpu() -> None:
 
 def test_the_production_job_store_is_redis_with_its_url_from_a_secret() -> None:
     documents = kuberay_documents()
-    args = yaml.safe_load(documents["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    service = documents["RayService/sdxl-serve"]
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
     config = AppConfig.model_validate(args)
     assert config.job_store == "redis"
-    (workers,) = documents["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (workers,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     env = {item["name"]: item for item in workers["template"]["spec"]["containers"][0]["env"]}
     assert env[config.redis_url_env]["valueFrom"]["secretKeyRef"]["name"] == "sdxl-serve-redis"
-    redis = documents["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--appendonly" in redis["args"] and documents["Service"]["metadata"]["name"] == "sdxl-redis"
+    redis = documents["StatefulSet/sdxl-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--appendonly" in redis["args"] and "Service/sdxl-redis" in documents
+
+
+def test_the_front_proxy_is_the_public_entry_and_every_serve_proxy_runs_the_edge_checks() -> None:
+    documents = kuberay_documents()
+    assert documents["Service/sdxl-edge"]["spec"]["type"] == "LoadBalancer"
+    nginx = documents["ConfigMap/sdxl-edge-nginx"]["data"]["nginx.conf"]
+    assert "server sdxl-serve-serve-svc:8000;" in nginx and "client_header_timeout" in nginx
+    cluster = documents["RayService/sdxl-serve"]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {item["name"]: item.get("value") for item in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve_app.edge:proxy_middlewares"
