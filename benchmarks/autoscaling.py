@@ -57,6 +57,7 @@ def main() -> None:
             "warmup_sizes": [],
             "torch_threads": 1,
             "job_store": "memory",
+            "app_id": "local/sdxl",  # run_job's queue route
         },  # fmt: skip
         deployments={
             "SDXLIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},

@@ -12,7 +12,9 @@ a round (on a shared VM the same call varies by 15-35% from one minute to the ne
   4. the reference pattern (benchmarks/reference_app.py: thread + queue + StreamingResponse, uvicorn);
   5. throughput, requests per minute, with 1, 2 and 4 concurrent clients on 1 and 2 replicas
      (one torch thread per replica, so each has its own core; on CUDA one GPU per replica, so the
-     2-replica row needs a host with two).
+     2-replica row needs a host with two);
+  6. a batch: `num_images: 4` in one `POST /` against four single requests back to back, images per
+     second on one replica (--batch-images N; 0 skips it).
 Prints a table and the ratios, and writes them to --out.
 """
 
@@ -55,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--throughput-size", type=int, default=384)
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--batch-images", type=int, default=4, help="row (6): the batch's num_images; 0 skips it")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.md"))
     return parser.parse_args()
 
@@ -181,6 +184,26 @@ def start_reference(args: argparse.Namespace, device: str) -> tuple[subprocess.P
     raise TimeoutError(f"the reference app did not start; its log: {log.name}")
 
 
+def batch_against_singles(url: str, body: dict, num_images: int) -> tuple[float, float]:
+    """(6): images per second of one `POST /` with `num_images` (one batched pipeline call), and of
+    `num_images` single requests back to back, each with the seed its image has in the batch."""
+    with httpx.Client(timeout=600) as client:
+
+        def post(request: dict) -> None:
+            response = client.post(url, json=request)
+            if response.status_code != 200:  # a failed run is short, not fast
+                raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:300]}")
+
+        started = time.perf_counter()
+        post({**body, "num_images": num_images})
+        batched = time.perf_counter() - started
+        started = time.perf_counter()
+        for index in range(num_images):
+            post({**body, "seed": body["seed"] + index})
+        singles = time.perf_counter() - started
+    return num_images / batched, num_images / singles
+
+
 def throughput(url: str, body: dict, clients: int, per_client: int) -> float:
     """Requests per minute with `clients` streaming back to back."""
 
@@ -280,6 +303,11 @@ def main() -> None:
     rounds = [measure_round(variants, models, body, index) for index in range(args.reps)]
     reference.terminate()
 
+    batch_rounds: list[tuple[float, float]] = []
+    if args.batch_images:
+        batch_against_singles(f"{base}/", body, args.batch_images)  # warm-up: the batch's shapes
+        batch_rounds = [batch_against_singles(f"{base}/", body, args.batch_images) for _ in range(args.reps)]
+
     rows = [
         (
             name,
@@ -304,6 +332,12 @@ def main() -> None:
         ),
     }
 
+    if batch_rounds:
+        ratios[f"(6) num_images {args.batch_images} / {args.batch_images} single requests, images/s"] = (
+            max(batched for batched, _ in batch_rounds) / max(singles for _, singles in batch_rounds),
+            statistics.median(batched / singles for batched, singles in batch_rounds),
+        )
+
     tput: dict[tuple[int, int], float] = {}
     if not args.skip_throughput:
         tput_body = {**body, "num_inference_steps": args.throughput_steps, "width": args.throughput_size,
@@ -325,14 +359,14 @@ def main() -> None:
             ratios["throughput 2 replicas / 1, 4 clients"] = (tput[(2, 4)] / tput[(1, 4)], None)
 
     step = statistics.median(r["step"].total for r in rounds)
-    report = render(args, models, step, rows, ratios, tput)
+    report = render(args, models, step, rows, ratios, tput, batch_rounds)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     ray.shutdown()
 
 
-def render(args, models, step, rows, ratios, tput) -> str:
+def render(args, models, step, rows, ratios, tput, batch_rounds) -> str:
     device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     lines = [
         f"# Overhead benchmark: {args.model}, {args.steps} steps, {args.size}x{args.size}, {device}",
@@ -357,6 +391,18 @@ def render(args, models, step, rows, ratios, tput) -> str:
         f"| {name} | {fastest:.3f} | {'' if within is None else f'{within:.3f}'} |"
         for name, (fastest, within) in ratios.items()
     ]
+    if batch_rounds:
+        n = args.batch_images
+        lines += [
+            "",
+            f"Batch (6), images per second on one replica, `POST /` ({args.steps} steps, {args.size}px), best of "
+            f"{len(batch_rounds)}:",
+            "",
+            "| way | images/s |",
+            "|---|---|",
+            f"| one request, num_images {n} (one pipeline call) | {max(b for b, _ in batch_rounds):.2f} |",
+            f"| {n} single requests, back to back | {max(s for _, s in batch_rounds):.2f} |",
+        ]
     if tput:
         lines += [
             "",

@@ -6,6 +6,12 @@ stops within one step. We raise there rather than set diffusers' `interrupt`, be
 
 The run's `RunOutcome`, not an event a departed client may never read, is what tells the engine
 whether the device survived.
+
+A request for `num_images` images is one batched pipeline call (`num_images_per_prompt`) with one
+torch Generator per image, seeded `seed + i` for image i: the same seed reproduces the whole batch,
+and image i starts from the same noise as a single-image request with seed `seed + i`. Previews show
+the batch's first image (the final event's `image`). The deployment's safety checker, if it has one,
+then checks every image (`has_nsfw_concepts`).
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ class GenerationRun:
         request, pipeline = self._request, self._models.pipeline
         started = self._started = time.perf_counter()
         self._deadline = started + self._timeout_s
-        generator = torch.Generator(device=self._models.device).manual_seed(self.seed)
+        generators = batch_generators(self.seed, request.num_images, self._models.device)
         with torch.inference_mode():
             with vae_dtype_restored(pipeline.vae):
                 output = pipeline(
@@ -148,27 +154,39 @@ class GenerationRun:
                     width=request.width,
                     height=request.height,
                     guidance_scale=request.guidance_scale,
-                    generator=generator,
+                    num_images_per_prompt=request.num_images,
+                    generator=generators,
                     output_type="pt",  # checked for NaNs before it becomes an image
                     callback_on_step_end=self._on_step_end,
                 )
             images = output.images
             if not torch.isfinite(images).all():
                 raise GenerationFailed("the generated image contains NaN or infinite values")
-            image = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))[0]
+            images, has_nsfw_concepts = self._safety_checked(images)
+            pil_images = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))
         inference_s = time.perf_counter() - started
         if self._cancelled.is_set():  # the client left during the final decode: nobody to send it to
             raise GenerationCancelled
         self._previews.drain()  # every preview reaches the client before the final image
         self._check_preview_error()
-        file = encode_image(image, request.output_format, self._final_jpeg_quality)
+        files = [encode_image(image, request.output_format, self._final_jpeg_quality) for image in pil_images]
         return FinalEvent(
-            image=file,
-            images=[file],
+            image=files[0],
+            images=files,
             seed=self.seed,
             timings=Timings(inference=inference_s, total=time.perf_counter() - started),
             prompt=request.prompt,
+            has_nsfw_concepts=has_nsfw_concepts,
         )
+
+    def _safety_checked(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool | None]]:
+        """The images, flagged ones blacked out, and a flag per image; None per image when nothing was
+        checked (no checker configured, or the request turned it off): no claim about a check not run."""
+        checker = self._models.safety_checker
+        if checker is None or not self._request.enable_safety_checker:
+            return images, [None] * len(images)
+        checked, flagged = checker.check(images)
+        return checked, list(flagged)
 
     def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         self._steps_completed = step + 1
@@ -208,6 +226,13 @@ class GenerationRun:
         if self._cancelled.is_set() and event is not END_OF_STREAM:
             return
         self._on_event(event)
+
+
+def batch_generators(seed: int, num_images: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per image of a batch, image i's seeded `seed + i` (diffusers draws each image's
+    noise from its own generator in a list): a seed reproduces its batch, and image i's starting noise
+    is a single-image request's with seed `seed + i`."""
+    return [torch.Generator(device=device).manual_seed(seed + index) for index in range(num_images)]
 
 
 def _threadsafe_put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> EventSink:

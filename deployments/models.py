@@ -1,6 +1,7 @@
 """Where the weights come from: a Hugging Face id, a local diffusers directory, or the tiny model.
 
-All three go through `from_pretrained`, so the built-in tiny model exercises the real loading path.
+All three go through `from_pretrained`, so the built-in tiny model exercises the real loading path;
+so does the optional safety checker (`safety_checker`: a hub id, a directory, or the tiny stand-in).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPImageProcessor
 
 from deployments.random_sdxl import build_random_sdxl
-from deployments.tiny import PREVIEW_DECODER_SUBDIR, default_cache_dir, ensure_tiny_model
-from serve_app.config import RANDOM_SDXL, TAESDXL, TINY_MODEL, AppConfig
+from deployments.safety import SafetyChecker
+from deployments.tiny import PREVIEW_DECODER_SUBDIR, default_cache_dir, ensure_tiny_model, ensure_tiny_safety_checker
+from serve_app.config import NO_SAFETY_CHECKER, RANDOM_SDXL, TAESDXL, TINY_MODEL, AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ class LoadedModels:
     preview_decoder: AutoencoderTiny
     device: torch.device
     dtype: torch.dtype
+    safety_checker: SafetyChecker | None = None  # None: nothing is checked
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,12 +62,20 @@ def load_models(config: AppConfig) -> LoadedModels:
         scheduler_class = getattr(diffusers, config.scheduler)
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **config.scheduler_config)
     pipeline.set_progress_bar_config(disable=True)
+    # A batch (`num_images`) decodes one image at a time: the VAE's peak memory stays one image's, and
+    # image i of a batch decodes exactly as a single image does. A single image is unaffected.
+    pipeline.vae.enable_slicing()
     pipeline.to(device)
     decoder.to(device).eval()
+    safety_checker = _load_safety_checker(config, dtype)
+    if safety_checker is not None:
+        safety_checker.model.to(device)
     if device.type == "cuda":
         _optimize_for_cuda(pipeline, decoder, config.compile)
     logger.info("Loaded %s on %s as %s", config.model, device, dtype)
-    return LoadedModels(pipeline=pipeline, preview_decoder=decoder, device=device, dtype=dtype)
+    return LoadedModels(
+        pipeline=pipeline, preview_decoder=decoder, device=device, dtype=dtype, safety_checker=safety_checker
+    )
 
 
 def _load_pretrained(config: AppConfig, dtype: torch.dtype) -> tuple[StableDiffusionXLPipeline, AutoencoderTiny]:
@@ -86,6 +99,22 @@ def _load_pretrained(config: AppConfig, dtype: torch.dtype) -> tuple[StableDiffu
             decoder_source, torch_dtype=dtype, **_hub_options(decoder_source, config, dtype, variant=False)
         )
     return pipeline, decoder
+
+
+def _load_safety_checker(config: AppConfig, dtype: torch.dtype) -> SafetyChecker | None:
+    """diffusers' safety checker and its CLIP image processor, from the same place (as in
+    CompVis/stable-diffusion-safety-checker); None when the config names none."""
+    if config.safety_checker == NO_SAFETY_CHECKER:
+        return None
+    if config.safety_checker == TINY_MODEL:
+        source: str | Path = ensure_tiny_safety_checker(_tiny_dir(config))
+        options = {}
+    else:
+        source = config.safety_checker
+        options = _hub_options(config.safety_checker, config, dtype, variant=False)
+    model = StableDiffusionSafetyChecker.from_pretrained(source, torch_dtype=dtype, **options)
+    processor = CLIPImageProcessor.from_pretrained(source, **options)
+    return SafetyChecker(model=model.eval(), processor=processor)
 
 
 def _optimize_for_cuda(pipeline: StableDiffusionXLPipeline, decoder: AutoencoderTiny, compile_models: bool) -> None:

@@ -32,7 +32,8 @@ class PreviewSchedule:
 
 
 def decode_latents(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Decode one image's latents with a TAESD-shaped decoder into uint8 HWC pixels, on its device.
+    """Decode one image's latents with a TAESD-shaped decoder into uint8 HWC pixels, on its device: the
+    first of a batch (`num_images`), whose previews show its first image, the final event's `image`.
 
     The conversion to uint8 happens there, so only a small tensor has to cross to the host.
     """

@@ -2,7 +2,8 @@
 
 It lets the whole service run and be tested with no GPU and no download. The weights are
 generated deterministically (fixed seeds) into a cache directory the first time they are
-needed, then loaded through the same `from_pretrained` code as real SDXL.
+needed, then loaded through the same `from_pretrained` code as real SDXL. So is its stand-in
+safety checker (`safety_checker: tiny`), in a subdirectory, generated the first time it is asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,17 +23,39 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
 )
 
+from deployments.safety import SafetyChecker
+
 # Bump when the layout or sizes below change, so stale caches are not reused.
 TINY_MODEL_VERSION = "v2"
 PREVIEW_DECODER_SUBDIR = "preview_decoder"
+SAFETY_CHECKER_SUBDIR = "safety_checker-v1"  # bump when the tiny checker's making below changes
 _SEED = 20261124
+
+# The one image the tiny safety checker is built to flag: the tiny model's image for these pipeline
+# arguments and seed, wherever it stands in a batch (image i of a batch has seed + i). The prompt
+# barely changes the tiny model's images; the seed, size, steps and guidance do.
+TINY_CHECKER_FLAGS = {
+    "prompt": "a red fox",
+    "negative_prompt": "",
+    "num_inference_steps": 2,
+    "width": 128,
+    "height": 128,
+    "guidance_scale": 7.5,
+    "seed": 1234,
+}
+TINY_CHECKER_THRESHOLD = 0.95  # cosine to the flagged image's embedding; other tiny images stay below 0.9
+_CALIBRATION_SEEDS = range(1000, 1008)
+_NEVER = 2.0  # a threshold no cosine reaches: the concepts the tiny checker does not use
 
 TEXT_HIDDEN = 32  # per text encoder; the UNet sees both concatenated (64)
 TIME_EMBED_DIM = 8
@@ -50,16 +74,28 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     starting together never load a half-written model.
     """
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (target / "model_index.json").exists():
+    return _generated_once(target, "model_index.json", write_tiny_model)
+
+
+def ensure_tiny_safety_checker(model_dir: Path) -> Path:
+    """Return the tiny safety checker's directory inside the tiny model's `model_dir`, generating it
+    first if it is missing (it is built from that model's images)."""
+    target = model_dir / SAFETY_CHECKER_SUBDIR
+    return _generated_once(target, "config.json", lambda directory: write_tiny_safety_checker(directory, model_dir))
+
+
+def _generated_once(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """`target`, written by `write` first unless it has `marker`: into a temporary sibling renamed into place."""
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        write_tiny_model(staging)
+        write(staging)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "model_index.json").exists():  # lost a race only if the winner finished
+            if not (target / marker).exists():  # lost a race only if the winner finished
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,6 +216,65 @@ def _preview_decoder() -> AutoencoderTiny:
         num_decoder_blocks=(1, 1, 1, 1),
         latent_channels=4,
         scaling_factor=1.0,
+    )
+
+
+def write_tiny_safety_checker(directory: Path, model_dir: Path) -> None:
+    """diffusers' `StableDiffusionSafetyChecker` with tiny random CLIP weights and its image processor,
+    arranged to flag one image: the tiny model's for `TINY_CHECKER_FLAGS`.
+
+    A random CLIP tower maps every tiny-model image to nearly one direction (cosines above 0.98), so
+    its final layer norm's bias is shifted by the mean output over eight other tiny images: different
+    images then get unrelated embeddings (cosines below 0.9 here), the same image 1.0. Concept 0 is the
+    flagged image's embedding, with threshold `TINY_CHECKER_THRESHOLD`; the other 16 concepts and the
+    3 special-care ones get a threshold no cosine reaches.
+    """
+    pipeline = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    torch.manual_seed(_SEED + 6)
+    checker = SafetyChecker(
+        StableDiffusionSafetyChecker(_tiny_clip_config()).eval(),
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),  # CLIP's mean/std
+    )
+    model = checker.model
+    with torch.no_grad():
+        pooled = model.vision_model(checker.clip_input(_tiny_images(pipeline, _CALIBRATION_SEEDS)))[1]
+        _post_layernorm(model).bias -= pooled.mean(dim=0)
+        flagged = _tiny_images(pipeline, [TINY_CHECKER_FLAGS["seed"]])
+        model.concept_embeds[0] = model.visual_projection(model.vision_model(checker.clip_input(flagged))[1])[0]
+        model.concept_embeds_weights.fill_(_NEVER)
+        model.concept_embeds_weights[0] = TINY_CHECKER_THRESHOLD
+        model.special_care_embeds_weights.fill_(_NEVER)
+    model.save_pretrained(directory)
+    checker.processor.save_pretrained(directory)
+
+
+def _tiny_images(pipeline: StableDiffusionXLPipeline, seeds: range | list[int]) -> torch.Tensor:
+    """The tiny model's images for `TINY_CHECKER_FLAGS` at these seeds, called as a generation run calls it."""
+    arguments = {key: value for key, value in TINY_CHECKER_FLAGS.items() if key != "seed"}
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipeline(**arguments, num_images_per_prompt=len(generators), generator=generators, output_type="pt").images
+
+
+def _post_layernorm(model: StableDiffusionSafetyChecker) -> torch.nn.LayerNorm:
+    """The vision tower's last layer norm (`vision_model.post_layernorm`, one level deeper before transformers 5)."""
+    (layer_norm,) = [module for name, module in model.vision_model.named_modules() if name.endswith("post_layernorm")]
+    return layer_norm
+
+
+def _tiny_clip_config() -> CLIPConfig:
+    """A CLIP small enough to cost nothing; the checker uses only its vision tower and projection."""
+    return CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=32,
     )
 
 

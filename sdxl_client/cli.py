@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--preview-interval", type=int)
     parser.add_argument("--format", choices=["jpeg", "png"], default="jpeg", help="of the final image")
+    parser.add_argument("--num-images", type=int, help="a batch: final_0, final_1, ... (previews show the first)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for previews and the final image")
     parser.add_argument("--api-key", default=os.environ.get("SDXL_SERVE_API_KEY"), help="or $SDXL_SERVE_API_KEY")
     return parser.parse_args(argv)
@@ -55,6 +56,7 @@ def build_request(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "guidance_scale": args.guidance_scale,
         "preview_interval": args.preview_interval,
+        "num_images": args.num_images,
     }
     return body | {key: value for key, value in optional.items() if value is not None}
 
@@ -87,7 +89,9 @@ def stream(args: argparse.Namespace) -> dict:
                 save_image(event["image"], args.out / f"preview_{event['step']:03d}")
             elif event["type"] == "final":
                 progress.update(progress.total - progress.n)
-                event["saved_to"] = str(save_image(event["image"], args.out / "final"))
+                names = ["final"] if len(event["images"]) == 1 else [f"final_{i}" for i in range(len(event["images"]))]
+                saved = [save_image(image, args.out / name) for image, name in zip(event["images"], names, strict=True)]
+                event["saved_to"] = ", ".join(map(str, saved))
                 return event
     raise ServiceError("the stream ended without a result")
 
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in final["timings"].items())
     print(f"seed {final['seed']}; {timings}; saved {final['saved_to']}")
+    flagged = [index for index, flag in enumerate(final.get("has_nsfw_concepts") or []) if flag]
+    if flagged:
+        print(f"the safety checker flagged image(s) {', '.join(map(str, flagged))}: saved black", file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.schemas import GenerationRequest
+from serve_app.errors import ValidationFailed
+from serve_app.schemas import MAX_NUM_IMAGES, REQUEST_PROFILES, GenerationRequest, resolved_request_fields
 
 TINY_MODEL = "tiny"
 RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timing only
+NO_SAFETY_CHECKER = "none"
 TAESDXL = "madebyollin/taesdxl"
 COMPILED_SHAPES_LIMIT = 8  # torch._dynamo.config.recompile_limit's default: graphs per compiled function
 
@@ -158,11 +160,37 @@ class AppConfig(BaseModel):
         "used by `max_generations_per_client` without API keys. Never set it without such a proxy.",
     )
 
+    # fal fast-sdxl compatibility: its request defaults, batches, and a safety checker.
+    request_profile: Literal["default", "fast-sdxl"] = Field(
+        default="default",
+        description="Defaults for fields a client leaves out, before `request_defaults`: 'default' (20 steps, "
+        "negative prompt 'blurry, low quality', 1024x1024, JPEG) or 'fast-sdxl' (fal fast-sdxl's: 25 steps, "
+        "guidance 7.5, negative prompt '', square_hd, JPEG).",
+    )
+    max_num_images: int = Field(
+        default=MAX_NUM_IMAGES,
+        ge=1,
+        le=MAX_NUM_IMAGES,
+        description="Most images one request may ask for (`num_images`, one batched pipeline call); beyond: 422.",
+    )
+    safety_checker: str = Field(
+        default=NO_SAFETY_CHECKER,
+        description="'none' (nothing checked: `has_nsfw_concepts` is null per image), 'tiny' (a built-in stand-in "
+        "that flags one known tiny-model image), or a diffusers StableDiffusionSafetyChecker with its CLIP image "
+        "processor: a local directory or a hub id such as CompVis/stable-diffusion-safety-checker.",
+    )
+
     @field_validator("request_defaults")
     @classmethod
     def _defaults_are_valid_request_fields(cls, defaults: dict) -> dict:
-        GenerationRequest.model_validate({"prompt": "check", **defaults})  # unknown or bad values fail here
-        return defaults
+        return resolved_request_fields(defaults)  # unknown or bad values fail here; fal's names resolved
+
+    @model_validator(mode="after")
+    def _default_batch_is_allowed(self) -> AppConfig:
+        num_images = self.request_defaults_in_effect().get("num_images", 1)
+        if num_images > self.max_num_images:
+            raise ValueError(f"the request defaults' num_images {num_images} is over max_num_images")
+        return self
 
     @model_validator(mode="after")
     def _random_sdxl_has_no_weights_to_choose(self) -> AppConfig:
@@ -208,7 +236,20 @@ class AppConfig(BaseModel):
             sizes.append((int(width), int(height)))
         return list(dict.fromkeys(sizes))
 
+    def request_defaults_in_effect(self) -> dict:
+        """The profile's defaults with `request_defaults` over them, in this service's field names."""
+        return {**REQUEST_PROFILES[self.request_profile], **self.request_defaults}
+
     def apply_request_defaults(self, request: GenerationRequest) -> GenerationRequest:
-        """The request with `request_defaults` filled in where the client sent nothing."""
-        missing = {key: value for key, value in self.request_defaults.items() if key not in request.model_fields_set}
-        return request.model_copy(update=missing) if missing else request
+        """The request as this deployment runs it: the defaults in effect filled in where the client sent
+        nothing, then this deployment's limits checked (`max_num_images`: a 422 naming the field)."""
+        defaults = self.request_defaults_in_effect()
+        missing = {key: value for key, value in defaults.items() if key not in request.model_fields_set}
+        request = request.model_copy(update=missing) if missing else request
+        if request.num_images > self.max_num_images:
+            limit = self.max_num_images
+            message = f"Input should be less than or equal to {limit} (this service's max_num_images)"
+            raise ValidationFailed(
+                [{"type": "less_than_equal", "loc": ["body", "num_images"], "msg": message, "ctx": {"le": limit}}]
+            )
+        return request

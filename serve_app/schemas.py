@@ -7,47 +7,143 @@ as their plain `model_dump()` dicts, which the ingress relays without validating
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) keeps exact
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE = 128, 2048
+MAX_NUM_IMAGES = 8  # fal fast-sdxl's limit; a deployment may cap it lower (`max_num_images`)
 
+# fal fast-sdxl's `image_size` presets: (width, height).
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+ImageSizePreset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
+
+# fal fast-sdxl's defaults for the fields a client leaves out: the `fast-sdxl` request profile.
+FAST_SDXL_DEFAULTS: dict[str, Any] = {
+    "num_inference_steps": 25,
+    "guidance_scale": 7.5,
+    "negative_prompt": "",
+    "image_size": "square_hd",
+    "format": "jpeg",
+}
+
+
+def _integral_number(value: Any) -> Any:
+    """JSON has one number type: `42.0` is the integer 42 (Python's `json.dumps(42.0)` sends it so).
+    `42.5`, `true` and `"42"` are left as they are, for strict validation to reject."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral_number)]
 ImageSide = Annotated[
-    int,
+    JsonInt,
     Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="Pixels; a multiple of 8."),
 ]
 
 
+class ImageSize(BaseModel):
+    """fal's custom `image_size`: `{width, height}` (each 512 when omitted, as fal's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    width: ImageSide = 512
+    height: ImageSide = 512
+
+
+class LoraWeight(BaseModel):
+    """fal's LoRA entry. Documented for the schema only: this service loads no LoRAs (a non-empty list is a 422)."""
+
+    path: str
+    scale: float = 1.0
+    force: bool = False
+
+
+class Embedding(BaseModel):
+    """fal's textual-inversion entry. Documented for the schema only: none are loaded (a non-empty list is a 422)."""
+
+    path: str
+    tokens: list[str] = ["<s0>", "<s1>"]
+
+
 class GenerationRequest(BaseModel):
-    """What a client asks for; fal's SDXL streaming example's fields plus `guidance_scale`."""
+    """What a client asks for: fal's SDXL streaming example's fields, and fal fast-sdxl's request.
+
+    fal's names are accepted beside ours and resolved once, here: `image_size` sets `width` and
+    `height`, `format` sets `output_format` (marked as sent, so request defaults never replace them),
+    and the validated request carries only our spelling (`image_size` and `format` are then None).
+    """
 
     model_config = ConfigDict(
         extra="forbid",  # a misspelt field is an error, not silently ignored
         strict=True,  # "20" is not a step count; JSON numbers and strings keep their types
         json_schema_extra={
-            "examples": [{"prompt": "a red fox", "num_inference_steps": 20, "width": 512, "height": 512, "seed": 42}]
+            "examples": [
+                {"prompt": "a red fox", "num_inference_steps": 20, "width": 512, "height": 512, "seed": 42},
+                {"prompt": "a red fox", "image_size": "square", "num_images": 2, "format": "png", "seed": 42},
+            ]
         },
     )
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field(default="blurry, low quality", max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int = Field(default=20, ge=1, le=50)
+    num_inference_steps: JsonInt = Field(default=20, ge=1, le=50)
+    image_size: ImageSizePreset | ImageSize | None = Field(
+        default=None,
+        description="fal's size: a preset (square_hd 1024x1024, square 512x512, portrait_4_3 768x1024, "
+        "portrait_16_9 576x1024, landscape_4_3 1024x768, landscape_16_9 1024x576) or {width, height}. "
+        "Sets `width` and `height`; sending either of those too is a 422 unless they agree.",
+    )
     width: ImageSide = 1024
     height: ImageSide = 1024
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted; returned.")
+    seed: JsonInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random when omitted; returned. Image i of a batch is generated from seed + i.",
+    )
     guidance_scale: float = Field(default=7.5, ge=0.0, le=20.0, allow_inf_nan=False)
-    preview_interval: int | None = Field(
+    num_images: JsonInt = Field(
+        default=1,
+        ge=1,
+        le=MAX_NUM_IMAGES,
+        description="Images generated together in one batched pipeline call; the service may cap it lower.",
+    )
+    preview_interval: JsonInt | None = Field(
         default=None, ge=1, le=50, description="Steps between previews; the service's default when omitted."
     )
-    output_format: Literal["jpeg", "png"] = Field(default="jpeg", description="Format of the final image.")
+    format: Literal["jpeg", "png"] | None = Field(
+        default=None, description="fal's name for `output_format`; sending both is a 422 unless they agree."
+    )
+    output_format: Literal["jpeg", "png"] = Field(default="jpeg", description="Format of the final images.")
     sync_mode: bool = Field(
         default=False,
         description="Queue results: images inline as data URIs when true, else URLs served by this service "
         "while the job is kept (fal's default). The run and stream routes always answer inline.",
     )
+    enable_safety_checker: bool = Field(
+        default=True,
+        description="Run the deployment's safety checker, if it has one (`safety_checker`): flagged images "
+        "are replaced by black ones and `has_nsfw_concepts` says which. Without one nothing is checked and "
+        "`has_nsfw_concepts` is null per image.",
+    )
+    safety_checker_version: Literal["v1", "v2"] = Field(
+        default="v1", description="Accepted for fal compatibility; the deployment's configured checker runs either way."
+    )
+    request_id: str = Field(default="", max_length=256, description="Accepted for fal compatibility; not used.")
+    expand_prompt: bool = Field(default=False, description="fal's prompt expansion: not supported, only false.")
+    loras: list[LoraWeight] = Field(default_factory=list, description="Not supported: only an empty list.")
+    embeddings: list[Embedding] = Field(default_factory=list, description="Not supported: only an empty list.")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -64,6 +160,74 @@ class GenerationRequest(BaseModel):
         if not prompt.strip():
             raise ValueError("prompt must contain non-whitespace text")
         return prompt
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side_agrees_with_image_size(cls, side: int, info: ValidationInfo) -> int:
+        """Runs only for a side the client sent (defaults are not validated)."""
+        image_size = info.data.get("image_size")
+        if image_size is not None:
+            expected = dict(zip(("width", "height"), image_size_pixels(image_size), strict=True))[info.field_name]
+            if side != expected:
+                raise ValueError(f"{info.field_name} {side} disagrees with image_size ({expected}); send one of them")
+        return side
+
+    @field_validator("output_format")
+    @classmethod
+    def _agrees_with_format(cls, output_format: str, info: ValidationInfo) -> str:
+        chosen = info.data.get("format")
+        if chosen is not None and chosen != output_format:
+            raise ValueError(f"output_format {output_format!r} disagrees with format {chosen!r}; send one of them")
+        return output_format
+
+    @field_validator("expand_prompt")
+    @classmethod
+    def _no_prompt_expansion(cls, expand: bool) -> bool:
+        if expand:
+            raise ValueError("expand_prompt is not supported by this service; send false or leave it out")
+        return expand
+
+    @field_validator("loras", "embeddings", mode="before")
+    @classmethod
+    def _no_extra_weights(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list) and value:
+            raise ValueError(f"{info.field_name} are not supported by this service; send [] or leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _fal_names_resolved(self) -> GenerationRequest:
+        """`image_size` -> `width`/`height` and `format` -> `output_format`, recorded as sent by the client."""
+        if self.image_size is not None:
+            self.width, self.height = image_size_pixels(self.image_size)
+            self.image_size = None
+            self.__pydantic_fields_set__.update({"width", "height"})
+        if self.format is not None:
+            self.output_format = self.format
+            self.format = None
+            self.__pydantic_fields_set__.add("output_format")
+        return self
+
+
+def image_size_pixels(image_size: ImageSizePreset | ImageSize) -> tuple[int, int]:
+    """(width, height) of a fal `image_size`: a preset's, or the object's own."""
+    if isinstance(image_size, ImageSize):
+        return image_size.width, image_size.height
+    return IMAGE_SIZE_PRESETS[image_size]
+
+
+def resolved_request_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Request fields (defaults, a profile) validated and in this service's names: fal's `image_size`
+    and `format` become `width`, `height` and `output_format`. Raises `ValidationError` for a bad one."""
+    request = GenerationRequest.model_validate({"prompt": "check", **fields})
+    chosen = request.model_fields_set - {"image_size", "format"} - ({"prompt"} - fields.keys())
+    return request.model_dump(include=chosen)
+
+
+# Defaults to start from (config `request_profile`), before the deployment's own `request_defaults`.
+REQUEST_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},  # the schema's: 20 steps, negative prompt "blurry, low quality", 1024x1024, JPEG
+    "fast-sdxl": resolved_request_fields(FAST_SDXL_DEFAULTS),
+}
 
 
 class ImageFile(BaseModel):
@@ -83,7 +247,8 @@ class Timings(BaseModel):
 
 
 class PreviewEvent(BaseModel):
-    """A TAESD decode of the latents after `step` (0-based) of `num_inference_steps`."""
+    """A TAESD decode of the latents after `step` (0-based) of `num_inference_steps`; for a batch
+    (`num_images` > 1), of its first image: the one the final event's `image` names."""
 
     type: Literal["preview"] = "preview"
     step: int
@@ -103,9 +268,13 @@ class GenerationResult(BaseModel):
     """`POST /`: fal fast-sdxl's result shape."""
 
     images: list[ImageFile]
-    seed: int
+    seed: int = Field(description="The request's seed (chosen when omitted); image i was generated from seed + i.")
     timings: Timings
     prompt: str
+    has_nsfw_concepts: list[bool | None] = Field(
+        description="One per image: true when the safety checker flagged it (the image is then black), false "
+        "when it passed, null when no check ran (no checker configured, or `enable_safety_checker: false`)."
+    )
 
 
 class FinalEvent(GenerationResult):

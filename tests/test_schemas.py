@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
-from serve_app.schemas import MAX_SEED, GenerationRequest
+from serve_app.schemas import IMAGE_SIZE_PRESETS, MAX_SEED, GenerationRequest, GenerationResult
 
 
 def test_defaults_match_fal_reference() -> None:
@@ -14,6 +16,65 @@ def test_defaults_match_fal_reference() -> None:
     assert request.seed is None
     assert request.output_format == "jpeg"
     assert request.preview_interval is None
+    assert request.num_images == 1 and request.enable_safety_checker is True
+
+
+@pytest.mark.parametrize(("preset", "size"), list(IMAGE_SIZE_PRESETS.items()))
+def test_image_size_presets_are_fal_fast_sdxls(preset: str, size: tuple[int, int]) -> None:
+    expected = {
+        "square_hd": (1024, 1024),
+        "square": (512, 512),
+        "portrait_4_3": (768, 1024),
+        "portrait_16_9": (576, 1024),
+        "landscape_4_3": (1024, 768),
+        "landscape_16_9": (1024, 576),
+    }
+    request = GenerationRequest.model_validate({"prompt": "a fox", "image_size": preset})
+    assert (request.width, request.height) == size == expected[preset]
+    assert request.image_size is None  # resolved: the request carries width and height only
+    assert {"width", "height"} <= request.model_fields_set  # sent, so request defaults do not replace them
+
+
+@pytest.mark.parametrize(
+    ("image_size", "size"),
+    [({"width": 256, "height": 384}, (256, 384)), ({"width": 256}, (256, 512)), ({}, (512, 512))],  # fal: 512 each
+)
+def test_image_size_object(image_size: dict, size: tuple[int, int]) -> None:
+    request = GenerationRequest.model_validate({"prompt": "a fox", "image_size": image_size})
+    assert (request.width, request.height) == size
+
+
+def test_image_size_with_agreeing_width_and_height_is_fine() -> None:
+    fields = {"prompt": "a fox", "image_size": "square", "width": 512, "height": 512}
+    assert GenerationRequest.model_validate(fields).width == 512
+
+
+def test_format_is_fals_name_of_output_format() -> None:
+    request = GenerationRequest.model_validate({"prompt": "a fox", "format": "png"})
+    assert (request.output_format, request.format) == ("png", None)
+    assert "output_format" in request.model_fields_set
+    assert GenerationRequest.model_validate({"prompt": "a fox", "format": "png", "output_format": "png"})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"request_id": "abc", "safety_checker_version": "v2", "sync_mode": True, "enable_safety_checker": False},
+        {"expand_prompt": False, "loras": [], "embeddings": []},
+    ],
+)
+def test_accepts_fal_fields_it_does_not_act_on(fields: dict) -> None:
+    GenerationRequest.model_validate({"prompt": "a fox", **fields})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "number"),
+    [("seed", 42.0, 42), ("num_inference_steps", 20.0, 20), ("num_images", 4.0, 4), ("width", 512.0, 512)],
+)
+def test_integral_json_numbers_are_integers(field: str, value: float, number: int) -> None:
+    """JSON has one number type: Python's json.dumps sends 42.0 for a float that is an integer."""
+    request = GenerationRequest.model_validate({"prompt": "a fox", field: value})
+    assert getattr(request, field) == number and type(getattr(request, field)) is int
 
 
 @pytest.mark.parametrize(
@@ -24,6 +85,9 @@ def test_defaults_match_fal_reference() -> None:
         {"width": 128, "height": 2048},
         {"seed": 0},
         {"seed": MAX_SEED},
+        {"seed": float(MAX_SEED - 1)},
+        {"num_images": 8},
+        {"image_size": {"width": 128, "height": 2048}},
         {"guidance_scale": 0},  # an int where a float is expected is fine
         {"preview_interval": 50},
         {"output_format": "png"},
@@ -44,12 +108,29 @@ def test_accepts_values_at_the_bounds(fields: dict) -> None:
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"num_inference_steps": 51}, "num_inference_steps"),
         ({"num_inference_steps": "20"}, "num_inference_steps"),
-        ({"num_inference_steps": 20.0}, "num_inference_steps"),
+        ({"num_inference_steps": 20.5}, "num_inference_steps"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
         ({"width": 1020}, "width"),
         ({"height": 120}, "height"),
         ({"width": 2056}, "width"),
         ({"seed": -1}, "seed"),
         ({"seed": MAX_SEED + 1}, "seed"),
+        ({"seed": 42.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": "42"}, "seed"),
+        ({"seed": 1e300}, "seed"),
+        ({"num_images": 0}, "num_images"),
+        ({"num_images": 9}, "num_images"),
+        ({"num_images": "4"}, "num_images"),
+        ({"image_size": "square", "width": 1024}, "width"),
+        ({"image_size": {"width": 256, "height": 256}, "height": 512}, "height"),
+        ({"format": "png", "output_format": "jpeg"}, "output_format"),
+        ({"format": "webp"}, "format"),
+        ({"expand_prompt": True}, "expand_prompt"),
+        ({"loras": [{"path": "https://example.com/lora.safetensors", "scale": 1}]}, "loras"),
+        ({"embeddings": [{"path": "https://example.com/emb.safetensors"}]}, "embeddings"),
+        ({"safety_checker_version": "v3"}, "safety_checker_version"),
+        ({"enable_safety_checker": "yes"}, "enable_safety_checker"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": float("inf")}, "guidance_scale"),
         ({"preview_interval": 0}, "preview_interval"),
@@ -63,6 +144,40 @@ def test_rejects_invalid_values_naming_the_field(fields: dict, field: str) -> No
     assert [error["loc"] for error in raised.value.errors()] == [(field,)]
 
 
-def test_round_trips_as_a_dict_across_the_process_boundary() -> None:
-    request = GenerationRequest(prompt="a fox", seed=3, width=512, height=768)
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"expand_prompt": True}, "expand_prompt is not supported"),
+        ({"loras": [{"path": "x"}]}, "loras are not supported"),
+        ({"embeddings": [{"path": "x"}]}, "embeddings are not supported"),
+        ({"image_size": "square", "width": 1024}, "width 1024 disagrees with image_size (512)"),
+    ],
+)
+def test_unsupported_or_contradictory_fields_say_so(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        GenerationRequest.model_validate({"prompt": "a fox", **fields})
+
+
+@pytest.mark.parametrize("image_size", ["huge", {"width": 250}, {"width": 512, "depth": 3}, 512])
+def test_bad_image_size_names_it(image_size: object) -> None:
+    with pytest.raises(ValidationError) as raised:
+        GenerationRequest.model_validate({"prompt": "a fox", "image_size": image_size})
+    assert all(error["loc"][0] == "image_size" for error in raised.value.errors())
+
+
+def test_result_says_per_image_whether_a_check_ran() -> None:
+    image = {"url": "data:image/png;base64,", "content_type": "image/png", "width": 8, "height": 8}
+    result = {"images": [image, image], "seed": 1, "timings": {"inference": 1, "total": 1}, "prompt": "a fox"}
+    assert GenerationResult.model_validate({**result, "has_nsfw_concepts": [None, None]})
+    assert GenerationResult.model_validate({**result, "has_nsfw_concepts": [True, False]})
+    with pytest.raises(ValidationError):
+        GenerationResult.model_validate(result)  # never silently absent
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"seed": 3, "width": 512, "height": 768}, {"image_size": "portrait_16_9", "format": "png", "num_images": 3}],
+)
+def test_round_trips_as_a_dict_across_the_process_boundary(fields: dict) -> None:
+    request = GenerationRequest.model_validate({"prompt": "a fox", **fields})
     assert GenerationRequest.model_validate(request.model_dump()) == request

@@ -74,7 +74,8 @@ def test_post_root_returns_fast_sdxl_result(local_url: str, client: httpx.Client
     response = client.post(f"{local_url}/", json=body)
     assert response.status_code == 200
     result = response.json()
-    assert set(result) == {"images", "seed", "timings", "prompt"}
+    assert set(result) == {"images", "seed", "timings", "prompt", "has_nsfw_concepts"}
+    assert result["has_nsfw_concepts"] == [None]  # configs/local.yaml runs no safety checker: nothing is claimed
     assert result["seed"] == 7 and result["prompt"] == "a red fox"
     assert len(result["images"]) == 1
     assert decode_image(result["images"][0]).size == (320, 256)

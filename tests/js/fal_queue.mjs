@@ -1,21 +1,12 @@
 // Usage: node fal_queue.mjs <service base url> <json input> <polling|streaming|queue>
 // Drives the unmodified @fal-ai/client's queue API against the service through one requestMiddleware
 // (the README's), and prints one JSON line with what the client returned.
-import { fal } from "@fal-ai/client";
+import { useService } from "./local_fal.mjs";
 
 const [baseUrl, inputJson, mode] = process.argv.slice(2);
 const input = JSON.parse(inputJson);
 
-// fal's two hosts, mapped onto the service: the queue under /queue/, runs and streams at the root.
-fal.config({
-  credentials: "local-key",
-  requestMiddleware: async (request) => ({
-    ...request,
-    url: request.url
-      .replace(/^https:\/\/queue\.fal\.run\//, `${baseUrl}/queue/`)
-      .replace(/^https:\/\/fal\.run\//, `${baseUrl}/`),
-  }),
-});
+const fal = useService(baseUrl);
 
 const statuses = [];
 const logs = [];
