@@ -192,6 +192,20 @@ print(json.dumps({{"raised": raised, "last": events[-1] if events else None}}))
     assert out["last"]["error_type"] == "deadline_exceeded"
 
 
+def test_fal_client_sends_fast_sdxl_fields_as_fal_documents_them(tls_service: dict) -> None:
+    """fal's fast-sdxl fields through fal_client, as its docs show them (a float seed from Python's json)."""
+    arguments = {"prompt": "a red fox", "image_size": {"width": 256, "height": 256}, "num_images": 2,
+                 "num_inference_steps": 3, "seed": 42.0, "format": "png", "enable_safety_checker": True,
+                 "expand_prompt": False, "loras": [], "sync_mode": True}  # fmt: skip
+    out = run_fal_client(
+        tls_service,
+        f"import fal_client, json\nprint(json.dumps(fal_client.subscribe('local/sdxl', arguments={arguments!r})))",
+    )
+    assert out["seed"] == 42 and out["has_nsfw_concepts"] == [None, None]  # no checker configured: no claim
+    assert [decode_image(image).size for image in out["images"]] == [(256, 256), (256, 256)]
+    assert {image["content_type"] for image in out["images"]} == {"image/png"}
+
+
 def test_fal_client_run(tls_service: dict) -> None:
     result = run_fal_client(
         tls_service,
