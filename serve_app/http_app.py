@@ -5,7 +5,7 @@ late-bound ingress, `__serve_build_asgi_app__`), so the middlewares get their se
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the routes.
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -129,7 +129,7 @@ def build_http_app(config: AppConfig, service: GenerationService, jobs: JobGatew
             generation_paths=["/", "/stream", f"/{config.app_id}", f"/{config.app_id}/stream"],
             queue_path=f"/queue/{config.app_id}",
             keys=keys,
-            job_in_flight=_job_in_flight(jobs),
+            job_in_flight=jobs.in_flight,
             address_header=config.client_address_header,
         )
     app.add_middleware(RequireApiKey, keys=keys)
@@ -189,17 +189,6 @@ def _add_queue_routes(app: FastAPI, config: AppConfig, jobs: JobGateway) -> None
     async def file(request_id: str, name: str) -> Response:
         """A queue result's image, while the job is kept."""
         return await jobs.file(f"{request_id}/{name}")
-
-
-def _job_in_flight(jobs: JobGateway) -> Callable[[str], bool]:
-    """Whether a queue job is still queued or running, from this replica's job mirror (nothing leaves
-    the ingress); a job the mirror no longer holds has completed."""
-
-    def in_flight(request_id: str) -> bool:
-        snapshot = jobs._mirror.get(request_id)
-        return snapshot is not None and snapshot.state != "COMPLETED"
-
-    return in_flight
 
 
 def _add_error_handlers(app: FastAPI) -> None:

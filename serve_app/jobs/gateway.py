@@ -97,6 +97,12 @@ class JobGateway:
         data, content_type = found
         return Response(data, media_type=content_type, headers={"cache-control": "private, max-age=3600"})
 
+    def in_flight(self, request_id: str) -> bool:
+        """Whether a job is still queued or running, from this replica's mirror (nothing leaves the
+        ingress); a job the mirror no longer holds has completed."""
+        snapshot = self._mirror.get(request_id)
+        return snapshot is not None and snapshot.state != "COMPLETED"
+
     async def _snapshot(self, request_id: str) -> JobSnapshot:
         """From the mirror; a job it has not heard of yet (submitted through another replica a moment
         ago, or finished before a restart) costs one call to the job queue."""
