@@ -155,7 +155,9 @@ class JobQueue:
         """Requeue jobs of dead owners, claim what the replicas can take, publish the queue order."""
         async with self._dispatching:  # the loop and submits: one pass at a time, or both could over-claim
             for request_id in await self._store.reclaim_expired(self._config.job_max_attempts):
-                await self._republish(request_id)
+                record = await self._republish(request_id)
+                if record is not None and record.state == "COMPLETED":  # gave up after job_max_attempts
+                    await self._after_finish(record)
             # Only with a backlog: counting replicas asks the controller (tens of ms of CPU).
             capacity = await self._current_capacity() if await self._store.queued_ids() else 0
             while len(self._dispatched) < capacity + DISPATCH_AHEAD:
@@ -193,7 +195,7 @@ class JobQueue:
             if done is not None:
                 self._feed.put(JobSnapshot.of(done))
                 await self._after_finish(done)
-        else:  # the lease was lost (reclaimed, cancelled elsewhere): the store's record stands
+        else:  # the lease was lost: whoever completed the job sent its webhook and counted it
             await self._republish(record.request_id)
 
     async def _generate(self, dispatched: _Dispatched) -> tuple[dict | None, ServiceError | None]:
@@ -286,11 +288,11 @@ class JobQueue:
         self._feed.set_queue(queued)
         self._metrics.queue_depth.set(len(queued))
 
-    async def _republish(self, request_id: str) -> None:
+    async def _republish(self, request_id: str) -> JobRecord | None:
+        """Publish the store's record of a job that another path changed."""
         if (record := await self._store.get(request_id)) is not None:
             self._feed.put(JobSnapshot.of(record))
-            if record.state == "COMPLETED":
-                await self._after_finish(record)
+        return record
 
     async def _after_finish(self, record: JobRecord) -> None:
         error_type = record.error.error_type if record.error else ""
