@@ -31,6 +31,7 @@ from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, kee
 logger = logging.getLogger("ray.serve")
 
 HEALTH_CACHE_S = 2.0
+FINISH_WAIT_S = 2.0  # from a call's terminal event to its end: the replica's cleanup, milliseconds
 COUNTED_REJECTIONS = ("overloaded", "queue_timeout")
 
 
@@ -77,9 +78,12 @@ class SDXLIngress:
         try:
             event = await asyncio.wait_for(_next_event(events), timeout_s)
         except Exception as error:  # noqa: BLE001 - every failure is a JSON error, never a bare 500
-            return self._failure(error, timeout_s).response()
-        finally:
             _stop(events)
+            return self._failure(error, timeout_s).response()
+        except BaseException:
+            _stop(events)
+            raise
+        await _finish(events)
         if event is None:
             return InternalError("the generation ended without a result").response()
         if event["type"] == "error":
@@ -134,6 +138,7 @@ class SDXLIngress:
                 yield encode_event(event)
                 if is_terminal(event):
                     failed = event["type"] == "error"
+                    await _finish(events)
                     break
                 event = await _next_event(events)
             else:
@@ -176,6 +181,14 @@ def _stop(events: DeploymentResponseGenerator) -> None:
     """
     with contextlib.suppress(Exception):
         events.cancel()
+
+
+async def _finish(events: DeploymentResponseGenerator) -> None:
+    """After the terminal event: let the call end by itself (briefly), so that the replica logs and
+    counts it as finished rather than cancelled; then make sure it has stopped."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(_next_event(events), FINISH_WAIT_S)
+    _stop(events)
 
 
 async def _next_event(events: DeploymentResponseGenerator) -> dict | None:
