@@ -78,10 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--queue-path", default="/queue/local/sdxl", help="the queue API's submit route")
     parser.add_argument("--skip-slowdown", action="store_true")
+    parser.add_argument(
+        "--poll-via", choices=("status-port", "proxy"), default="status-port",
+        help="where the slowdown rounds' clients poll: the status port (what the front proxy routes polls to) "
+        "or Serve's proxy",
+    )  # fmt: skip
+    parser.add_argument("--torch-threads", type=int, help="the SDXL replica's torch threads (`torch_threads`)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/request_cost.md"))
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.generations, args.repeats, args.rounds, args.row_budget_s = 300, 4, 2, 2, 10.0
+    args.status_port = free_port()
     return args
 
 
@@ -429,7 +436,10 @@ def deploy(args: argparse.Namespace) -> tuple[ServeHarness, str]:
         )
         overrides = {name: {"logging_config": args.logging_config} for name in ("SDXLIngress", "SDXLDeployment")}
     harness = ServeHarness(port)
-    return harness, harness.deploy(APP, "/", CONFIG, deployments=overrides, timeout_s=300)
+    app_args: dict = {"status_port": args.status_port}
+    if args.torch_threads is not None:
+        app_args["torch_threads"] = args.torch_threads
+    return harness, harness.deploy(APP, "/", CONFIG, args=app_args, deployments=overrides, timeout_s=300)
 
 
 def main() -> None:
@@ -444,6 +454,7 @@ def main() -> None:
     meter = CpuMeter(excluded={plain.pid})
     ingress, model = find_replica("SDXLIngress"), find_replica("SDXLDeployment")
     direct = direct_ingress_url(ingress)
+    status_port = f"http://127.0.0.1:{args.status_port}"
     clients = [httpx.Client(timeout=600) for _ in range(args.concurrency)]
 
     status_url = queue_status_url(clients[0], base, args.queue_path)
@@ -457,6 +468,10 @@ def main() -> None:
     ]
     if status_url:
         workloads.append(Workload("queue status poll via proxy", get(status_url), small))
+    workloads.append(Workload("`GET /health` via the status port", get(f"{status_port}/health"), small))
+    if status_url:
+        status_path = urlsplit(status_url).path
+        workloads.append(Workload("queue status poll via the status port", get(status_port + status_path), small))
     if direct:
         workloads.append(Workload("`GET /health`, direct ingress (no proxy)", get(f"{direct}/health"), small))
         if status_url:
@@ -478,7 +493,8 @@ def main() -> None:
         client.close()
 
     counts = [int(count) for count in args.pollers.split(",")]
-    poll_urls = [f"{base}/health"] + ([status_url] if status_url else [])
+    poll_base = status_port if args.poll_via == "status-port" else base
+    poll_urls = [f"{poll_base}/health"] + ([poll_base + urlsplit(status_url).path] if status_url else [])
     slow = {} if args.skip_slowdown else slowdown(base, poll_urls, counts, args.rounds)
 
     facts = {
@@ -486,6 +502,7 @@ def main() -> None:
         "sdxl_num_cpus": replica_num_cpus("SDXLDeployment"),
         "ingress_num_cpus": replica_num_cpus("SDXLIngress"),
         "omp_threads": model.environ().get("OMP_NUM_THREADS", f"unset, so torch's default: {psutil.cpu_count(False)}"),
+        "torch_threads": args.torch_threads,
         "env": env,
         "direct": direct,
         "ray": ray.__version__,
@@ -557,9 +574,15 @@ def render(args, workloads, costs, status_url, slow, counts, facts) -> str:
             f"`POST /` {SLOWDOWN_RUN['width']}x{SLOWDOWN_RUN['height']}, {SLOWDOWN_RUN['num_inference_steps']} "
             f"steps, seed {SLOWDOWN_RUN['seed']}; {args.rounds} rounds, each running every client count once "
             f"(order rotated). Machine: {facts['cores']} cores; SDXL replica `num_cpus: "
-            f"{facts['sdxl_num_cpus']}`, torch threads: `OMP_NUM_THREADS` {facts['omp_threads']}; "
-            f"ingress `num_cpus: {facts['ingress_num_cpus']}`. The pollers run in the benchmark process on "
-            "the same machine.",
+            f"{facts['sdxl_num_cpus']}`, torch threads: "
+            + (
+                f"`torch_threads: {facts['torch_threads']}`"
+                if facts["torch_threads"]
+                else f"`OMP_NUM_THREADS` {facts['omp_threads']}"
+            )
+            + f"; ingress `num_cpus: {facts['ingress_num_cpus']}`. Clients poll "
+            + ("the status port" if args.poll_via == "status-port" else "through Serve's proxy")
+            + "; they run in the benchmark process on the same machine.",
             "",
             "| polling clients | generation s (median) | vs none, median within rounds | polls/s | poll ms p50 | "
             "poll ms p99 |",

@@ -27,6 +27,7 @@ from serve_app.jobs.gateway import JobGateway
 from serve_app.metrics import IngressMetrics
 from serve_app.schemas import ErrorBody, FinalEvent, GenerationRequest, GenerationResult
 from serve_app.sse import SEPARATOR, encode_event, error_event, is_terminal, keepalive_comment
+from serve_app.status_server import StatusServer
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,16 +39,25 @@ COUNTED_REJECTIONS = ("overloaded", "queue_timeout")
 @serve.deployment
 @serve.ingress()
 class SDXLIngress:
-    def __init__(self, sdxl: DeploymentHandle, job_queue: DeploymentHandle, config: AppConfig) -> None:
+    async def __init__(self, sdxl: DeploymentHandle, job_queue: DeploymentHandle, config: AppConfig) -> None:
         self._sdxl = sdxl
         self.config = config
         self._jobs = JobGateway(job_queue, config)
         self._metrics = IngressMetrics()
         self._health: tuple[float, bool] = (0.0, False)  # (checked at, an SDXL replica is running)
         self._health_refresh: asyncio.Task | None = None
+        self._app = build_http_app(config, self, self._jobs)
+        self._status_server: StatusServer | None = None
+        if config.status_port is not None:
+            self._status_server = StatusServer(self._app, config.status_host, config.status_port)
+            self._status_server.start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self.config, self, self._jobs)
+        return self._app
+
+    def __del__(self) -> None:
+        if self._status_server is not None:
+            self._status_server.stop()
 
     async def stream(self, body: GenerationRequest) -> Response:
         body = self.config.apply_request_defaults(body)

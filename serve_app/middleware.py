@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
 
@@ -27,7 +28,8 @@ class FalRequestId:
 
     Serve takes the id from the client's `x-request-id` or makes one, and logs it in every deployment
     the request reaches; it has no public getter, hence the private context call. An id that is not
-    safe to echo is not (Serve's proxy with `serve_app.edge`'s filter never lets one through).
+    safe to echo is not (Serve's proxy with `serve_app.edge`'s filter never lets one through). A request
+    that did not come through Serve (the status port) echoes the client's id, or one made here, as both.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -37,11 +39,17 @@ class FalRequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = serve_context._get_serve_request_context().request_id
+        echo_as_serve = not request_id
+        if echo_as_serve:
+            given = Headers(scope=scope).get("x-request-id", "")
+            request_id = given if is_valid_request_id(given) else uuid.uuid4().hex
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start" and request_id and is_valid_request_id(request_id):
                 headers = MutableHeaders(scope=message)
                 headers.setdefault("x-fal-request-id", request_id)  # a queue route sets its job's id
+                if echo_as_serve:
+                    headers.setdefault("x-request-id", request_id)
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -166,3 +166,37 @@ def test_the_front_proxy_is_the_public_entry_and_every_serve_proxy_runs_the_edge
     for pod in pods:
         env = {item["name"]: item.get("value") for item in pod["template"]["spec"]["containers"][0]["env"]}
         assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve_app.edge:proxy_middlewares"
+
+
+def test_the_front_proxy_sends_polls_to_the_status_port_and_kubernetes_runs_the_same_nginx_config() -> None:
+    documents = kuberay_documents()
+    kubernetes = documents["ConfigMap/sdxl-edge-nginx"]["data"]["nginx.conf"].splitlines()
+    local = (REPO / "configs" / "nginx-front-proxy.conf").read_text().splitlines()
+    # The same config but for where the upstreams are and the public name.
+    differing = {
+        line.strip() for line in [*set(local) ^ set(kubernetes)] if line.strip() and not line.strip().startswith("#")
+    }
+    assert differing == {
+        "server 127.0.0.1:8000;",
+        "server 127.0.0.1:8001 max_fails=1 fail_timeout=5s;",
+        "server 127.0.0.1:8000 backup;",
+        "localhost 1;",
+        "127.0.0.1 1;",
+        "server sdxl-serve-serve-svc:8000;",
+        "resolver kube-dns.kube-system.svc.cluster.local valid=10s;",
+        "zone sdxl_status 64k;",
+        "server sdxl-serve-status.default.svc.cluster.local:8001 resolve max_fails=1 fail_timeout=5s;",
+        "server sdxl-serve-serve-svc:8000 backup;",
+        "sdxl.example.com 1;  # your public name(s)",
+    }
+    local_args = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())["applications"][0]["args"]
+    production = AppConfig.model_validate(
+        yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+    )
+    assert local_args["status_port"] == production.status_port == 8001
+    assert production.status_host == "0.0.0.0"  # nginx runs in its own pods
+    (port,) = documents["Service/sdxl-serve-status"]["spec"]["ports"]
+    assert port["port"] == port["targetPort"] == production.status_port
+    assert documents["Service/sdxl-serve-status"]["spec"]["clusterIP"] == "None"  # pod addresses, for nginx
+    policy = documents["NetworkPolicy/sdxl-serve-only-from-edge"]["spec"]["ingress"][0]
+    assert {rule["port"] for rule in policy["ports"]} == {8000, production.status_port}

@@ -61,6 +61,8 @@ class ServeHarness:
         app = copy.deepcopy(load_config(config_file)["applications"][0])
         app.update(name=name, route_prefix=route_prefix)
         app["args"] = {**app.get("args", {}), **(args or {})}
+        if app["args"].get("status_port") and "status_port" not in (args or {}):
+            app["args"]["status_port"] = free_port()  # the config's port would be every test app's
         for deployment in app.get("deployments", []):
             deployment.update((deployments or {}).get(deployment["name"], {}))
         self._apps[name] = app

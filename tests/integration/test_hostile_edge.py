@@ -190,15 +190,21 @@ def test_without_the_proxy_callback_the_app_still_answers_json_and_stops_work(lo
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def edge_status_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory, edge_status_port: int) -> Iterator[int]:
     """`configs/local.yaml` under `serve run` with the proxy callback set; returns its port."""
     directory = tmp_path_factory.mktemp("edge")
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
+    config["applications"][0]["args"]["status_port"] = edge_status_port
     limited = json.loads(json.dumps(config["applications"][0]))
     limited.update(name="limited", route_prefix="/limited")
-    limited["args"] = {**limited["args"], "max_generations_per_client": 1}
+    limited["args"] = {**limited["args"], "max_generations_per_client": 1, "status_port": free_port()}
     for deployment in limited["deployments"]:
         deployment.setdefault("ray_actor_options", {})["num_cpus"] = 0  # fits beside the first on 2 cores
     config["applications"].append(limited)
@@ -477,8 +483,8 @@ def test_a_queued_job_counts_until_it_completes(edge: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def front(edge: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """`configs/nginx-front-proxy.conf` on a free port, in front of `edge`; its port."""
+def front(edge: int, edge_status_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """`configs/nginx-front-proxy.conf` on a free port, in front of `edge` and its status port; its port."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
@@ -486,6 +492,7 @@ def front(edge: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = free_port()
     conf = (REPO / "configs" / "nginx-front-proxy.conf").read_text()
     conf = conf.replace("listen 8080", f"listen 127.0.0.1:{port}").replace("127.0.0.1:8000", f"127.0.0.1:{edge}")
+    conf = conf.replace("127.0.0.1:8001", f"127.0.0.1:{edge_status_port}")
     (directory / "nginx.conf").write_text(conf)
     log = directory / "nginx.log"
     command = [nginx, "-p", str(directory), "-c", str(directory / "nginx.conf")]
@@ -556,3 +563,38 @@ def test_streams_and_request_ids_through_the_front_proxy(front: int, solo_s: flo
     assert kept.headers["x-request-id"] == "mine-1"
     start_then_leave(front, post("/", LONG, {"x-request-disconnect-disabled": "?1"}), wait_for=b"", linger_s=1.0)
     assert_solo_speed(front, solo_s)
+
+
+def test_polls_through_the_front_proxy_go_to_the_status_port_not_serves_proxy(front: int, edge: int) -> None:
+    """Health checks and status polls take the status port (configs/local.yaml's `status_port`), with the
+    same answers; Serve's proxy, which logs every request it routes, never sees them; the rest it does."""
+    tag = f"{time.time_ns()}"
+    submitted = exchange(front, post("/queue/local/sdxl", TINY, {"x-request-id": f"submit-{tag}"}))
+    assert submitted.status == 200, submitted.body[:300]
+    status_path = f"/queue/local/sdxl/requests/{submitted.json()['request_id']}/status"
+    deadline, polls = time.monotonic() + 60, 0
+    while True:
+        polls += 1
+        polled = exchange(front, head("GET", status_path, {"x-request-id": f"poll-{tag}-{polls}"}))
+        assert polled.status == 200 and polled.headers["x-request-id"] == f"poll-{tag}-{polls}"
+        assert polled.json()["status"] in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+        if polled.json()["status"] == "COMPLETED" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert polled.json()["status"] == "COMPLETED" and "inference_time" in polled.json()["metrics"]
+    via_serve = exchange(edge, head("GET", status_path))  # the same answer through Serve's proxy
+    assert {k: v for k, v in via_serve.json().items() if not k.endswith("_url")} == {
+        k: v for k, v in polled.json().items() if not k.endswith("_url")
+    }
+    health = exchange(front, head("GET", "/health", {"x-request-id": f"health-{tag}"}))
+    assert health.status == 200 and health.json() == {"status": "ok"}
+    assert health.headers["x-request-id"] == f"health-{tag}"
+    elsewhere = exchange(front, head("GET", f"/queue/local/sdxl/requests/{submitted.json()['request_id']}"))
+    assert elsewhere.status == 200 and elsewhere.json()["images"]  # the result: through Serve's proxy
+
+    time.sleep(1)  # Serve's proxy writes its access log line as a request ends
+    proxy_logs = "".join(
+        path.read_text(errors="replace") for path in Path("/tmp/ray").glob("session_2*/logs/serve/proxy_*.log")
+    )
+    assert f"submit-{tag}" in proxy_logs
+    assert f"poll-{tag}-" not in proxy_logs and f"health-{tag}" not in proxy_logs
