@@ -84,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or Serve's proxy",
     )  # fmt: skip
     parser.add_argument("--torch-threads", type=int, help="the SDXL replica's torch threads (`torch_threads`)")
+    parser.add_argument(
+        "--pin-model-core", action="store_true",
+        help="for the slowdown rounds, pin the model replica to one core and everything else to the others",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/request_cost.md"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -134,6 +138,27 @@ def find_replica(deployment: str) -> psutil.Process:
         except psutil.Error:
             continue
     raise LookupError(f"no {deployment} replica process")
+
+
+def pin_model_to_one_core(model: psutil.Process) -> str:
+    """The model replica on core 0, everything else this run started (Ray, the plain app, this process
+    and its pollers) on the others: a machine with cores to spare for the HTTP stack, made exact, so the
+    pollers' own load cannot land on the generation's core. Every thread: affinity is per thread."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--pin-model-core needs at least 2 cores")
+    rest = set(cores[1:])
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        _pin_threads(process.pid, {cores[0]} if process.pid == model.pid else rest)
+    return f"model replica on core {cores[0]}, everything else on {len(rest)} other core(s)"
+
+
+def _pin_threads(pid: int, cores: set[int]) -> None:
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 class CpuMeter:
@@ -495,6 +520,7 @@ def main() -> None:
     counts = [int(count) for count in args.pollers.split(",")]
     poll_base = status_port if args.poll_via == "status-port" else base
     poll_urls = [f"{poll_base}/health"] + ([poll_base + urlsplit(status_url).path] if status_url else [])
+    pinning = pin_model_to_one_core(model) if args.pin_model_core and not args.skip_slowdown else None
     slow = {} if args.skip_slowdown else slowdown(base, poll_urls, counts, args.rounds)
 
     facts = {
@@ -503,6 +529,7 @@ def main() -> None:
         "ingress_num_cpus": replica_num_cpus("SDXLIngress"),
         "omp_threads": model.environ().get("OMP_NUM_THREADS", f"unset, so torch's default: {psutil.cpu_count(False)}"),
         "torch_threads": args.torch_threads,
+        "pinning": pinning,
         "env": env,
         "direct": direct,
         "ray": ray.__version__,
@@ -582,7 +609,8 @@ def render(args, workloads, costs, status_url, slow, counts, facts) -> str:
             )
             + f"; ingress `num_cpus: {facts['ingress_num_cpus']}`. Clients poll "
             + ("the status port" if args.poll_via == "status-port" else "through Serve's proxy")
-            + "; they run in the benchmark process on the same machine.",
+            + "; they run in the benchmark process on the same machine"
+            + (f". CPU affinity for these rounds: {facts['pinning']}." if facts["pinning"] else "."),
             "",
             "| polling clients | generation s (median) | vs none, median within rounds | polls/s | poll ms p50 | "
             "poll ms p99 |",

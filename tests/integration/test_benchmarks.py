@@ -55,5 +55,12 @@ def test_request_cost_reports_each_small_request_beside_plain_fastapi(tmp_path: 
     run_benchmark("benchmarks.request_cost", "--requests", "40", "--repeats", "1", "--small-only",
                   "--skip-slowdown", "--out", str(out))  # fmt: skip
     report = out.read_text()
-    for row in (r"plain FastAPI `GET /health`", r"`GET /health` via Serve's proxy", r"queue status poll via proxy"):
+    rows = (
+        r"plain FastAPI `GET /health`",
+        r"`GET /health` via Serve's proxy",
+        r"queue status poll via proxy",
+        r"`GET /health` via the status port",
+        r"queue status poll via the status port",
+    )
+    for row in rows:
         assert re.search(rf"\| {row}[^|]*\|.*\| {NUMBER} \| {NUMBER}x \|", report), row
