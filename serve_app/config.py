@@ -6,6 +6,7 @@ Serve-level settings (replicas, autoscaling, GPUs, queue bounds) live in the YAM
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -166,13 +167,19 @@ class AppConfig(BaseModel):
         le=65535,
         description="A port on which every ingress replica also answers `GET /health` and queue status polls "
         "itself, under plain uvicorn: no hop through Serve's proxy, which costs ~20x these requests. A front "
-        "proxy routes only those there (configs/nginx-front-proxy.conf). Replicas of the app on one node share "
-        "it (SO_REUSEPORT), so give each app its own. Off when unset.",
+        "proxy routes only those there (configs/nginx-front-proxy.conf). One replica of the app per node holds "
+        "it and another takes it over when it goes; give each app its own. Off when unset.",
     )
     status_host: str = Field(
         default="127.0.0.1",
-        description="The address `status_port` listens on: '0.0.0.0' when the front proxy runs on another host.",
+        description="The IP address `status_port` listens on: '0.0.0.0' when the front proxy runs on another host.",
     )
+
+    @field_validator("status_host")
+    @classmethod
+    def _an_ip_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # a ValueError names the field; a host name could resolve to either family
+        return value
 
     # fal fast-sdxl compatibility: its request defaults, batches, and a safety checker.
     request_profile: Literal["default", "fast-sdxl"] = Field(

@@ -56,8 +56,9 @@ class SDXLIngress:
         return self._app
 
     def __del__(self) -> None:
-        if self._status_server is not None:
-            self._status_server.stop()
+        status_server = getattr(self, "_status_server", None)  # None if __init__ failed before it
+        if status_server is not None:
+            status_server.stop()
 
     async def stream(self, body: GenerationRequest) -> Response:
         body = self.config.apply_request_defaults(body)
@@ -196,9 +197,11 @@ def _stop(events: DeploymentResponseGenerator) -> None:
 async def _finish(events: DeploymentResponseGenerator) -> None:
     """After the terminal event: let the call end by itself (briefly), so that the replica logs and
     counts it as finished rather than cancelled; then make sure it has stopped."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(_next_event(events), FINISH_WAIT_S)
-    _stop(events)
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_next_event(events), FINISH_WAIT_S)
+    finally:
+        _stop(events)
 
 
 async def _next_event(events: DeploymentResponseGenerator) -> dict | None:

@@ -22,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app.edge import is_valid_request_id
 from serve_app.errors import TooManyRequests, Unauthorized
 
+VIA_STATUS_PORT = "sdxl.via_status_port"  # scope key: the request came to the status port, not through Serve
+
 
 class FalRequestId:
     """Return the request's id as `x-fal-request-id` (what fal clients read) next to Serve's `x-request-id`.
@@ -38,8 +40,8 @@ class FalRequestId:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = serve_context._get_serve_request_context().request_id
-        echo_as_serve = not request_id
+        echo_as_serve = bool(scope.get(VIA_STATUS_PORT))
+        request_id = "" if echo_as_serve else serve_context._get_serve_request_context().request_id
         if echo_as_serve:
             given = Headers(scope=scope).get("x-request-id", "")
             request_id = given if is_valid_request_id(given) else uuid.uuid4().hex

@@ -22,6 +22,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.errors import NotFound
+from serve_app.middleware import VIA_STATUS_PORT
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,7 +32,8 @@ SMALL_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # OPTIONS: a browser's CO
 
 
 class OnlySmallRequests:
-    """Health and status polls pass; any other request is a 404 here (it belongs on Serve's port)."""
+    """Health and status polls pass (marked as not from Serve); any other request is a 404 here (it
+    belongs on Serve's port)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -40,6 +42,7 @@ class OnlySmallRequests:
         if scope["type"] == "http" and not (scope["method"] in SMALL_METHODS and SMALL_ROUTE.fullmatch(scope["path"])):
             error = NotFound("this port answers only GET /health and queue status polls")
             return await error.response()(scope, receive, send)
+        scope[VIA_STATUS_PORT] = True
         await self.app(scope, receive, send)
 
 
@@ -52,7 +55,14 @@ class StatusServer:
     def __init__(self, app: ASGIApp, host: str, port: int) -> None:
         self.address = (host, port)
         config = uvicorn.Config(
-            OnlySmallRequests(app), lifespan="off", access_log=False, log_config=None, server_header=False
+            OnlySmallRequests(app),
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            # Longer than the front proxy keeps idle upstream connections (nginx: 60 s), like Serve's 75 s:
+            # a connection closed here just as nginx reuses it would count as this replica failing.
+            timeout_keep_alive=75,
         )
         self._server = uvicorn.Server(config)
         # The replica owns its signals (graceful shutdown); uvicorn would take SIGINT and SIGTERM if this
@@ -73,7 +83,7 @@ class StatusServer:
         waiting = False
         while True:
             try:
-                sock = self._bind()
+                sock = self._listen()
                 break
             except OSError as error:
                 if error.errno != errno.EADDRINUSE:
@@ -85,12 +95,15 @@ class StatusServer:
         logger.info("Answering health and status polls on %s:%d", *self.address)
         await self._server.serve(sockets=[sock])
 
-    def _bind(self) -> socket.socket:
+    def _listen(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not a shared port
             sock.bind(self.address)
+            # Here, not in uvicorn: with SO_REUSEADDR two replicas can both bind a port nobody listens on
+            # yet, and only the second `listen` fails; that must happen inside the retry.
+            sock.listen(self._server.config.backlog)
         except OSError:
             sock.close()
             raise

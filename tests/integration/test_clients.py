@@ -121,12 +121,13 @@ print(json.dumps(asyncio.run(main())))
 @pytest.mark.parametrize("code", [SUBSCRIBE, SUBSCRIBE_ASYNC], ids=["sync", "async"])
 def test_fal_client_subscribe(tls_service: dict, code: str) -> None:
     """fal's own example, unchanged: subscribe polls the queue with logs and returns the result."""
-    out = run_fal_client(tls_service, code.replace("ARGS", repr(SMALL)))
+    # Long enough to be seen running: a job done between two polls goes from Queued to Completed, as on fal.
+    out = run_fal_client(tls_service, code.replace("ARGS", repr({**SMALL, "num_inference_steps": 30})))
     assert out["result"]["seed"] == 3
     assert fetch_image(tls_service, out["result"]["images"][0]["url"]).size == (256, 256)
     assert "InProgress" in out["updates"] and out["updates"][-1] == "Completed"
     if "logs" in out:
-        assert "step 6/6" in out["logs"]
+        assert "step 30/30" in out["logs"]
 
 
 def test_fal_client_queue_handle_status_events_result_and_cancel(tls_service: dict) -> None:
@@ -246,10 +247,11 @@ def test_js_client_streams_previews_then_final_and_done_is_final(local_url: str,
 @pytest.mark.parametrize("mode", ["polling", "streaming"])
 def test_js_client_subscribe(local_url: str, js_client: Path, mode: str) -> None:
     """fal.subscribe, unchanged, through the README's middleware for both of fal's hosts."""
-    out = run_js(js_client.parent / "fal_queue.mjs", local_url, mode)
+    # Long enough to be seen running: a job done between two polls goes from IN_QUEUE to COMPLETED, as on fal.
+    out = run_js(js_client.parent / "fal_queue.mjs", local_url, mode, {**SMALL, "num_inference_steps": 30})
     assert out["seed"] == 3 and out["url"].startswith(f"{local_url}/files/") and out["requestId"]
     assert out["statuses"][-1] == "COMPLETED" and "IN_PROGRESS" in out["statuses"]
-    assert "step 6/6" in out["logs"] and out["logs"].count("Completed") == 1
+    assert "step 30/30" in out["logs"] and out["logs"].count("Completed") == 1
 
 
 def test_js_client_queue_submit_status_result_cancel(local_url: str, js_client: Path) -> None:
@@ -258,9 +260,9 @@ def test_js_client_queue_submit_status_result_cancel(local_url: str, js_client: 
     assert out["cancelError"] == {"status": 400, "errorType": "cancelled"}
 
 
-def run_js(script: Path, base_url: str, mode: str) -> dict:
+def run_js(script: Path, base_url: str, mode: str, body: dict = SMALL) -> dict:
     result = subprocess.run(
-        ["node", str(script), base_url, json.dumps(SMALL), mode], capture_output=True, text=True, timeout=180
+        ["node", str(script), base_url, json.dumps(body), mode], capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
