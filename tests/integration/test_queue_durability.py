@@ -13,7 +13,7 @@ from tests.integration.harness import ServeHarness
 
 APP = "durable"
 SMALL = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 6}
-FIRST = {**SMALL, "num_inference_steps": 30, "seed": 100}
+FIRST = {**SMALL, "num_inference_steps": 50, "width": 384, "height": 384, "seed": 100}  # running at the kill
 
 
 def kill_job_queue_replica() -> None:

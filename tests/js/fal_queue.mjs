@@ -28,6 +28,10 @@ if (mode === "polling" || mode === "streaming") {
   const result = await fal.queue.result("local/sdxl", { requestId });
   const slow = await fal.queue.submit("local/sdxl", { input: { ...input, num_inference_steps: 50, width: 512, height: 512 } });
   await fal.queue.cancel("local/sdxl", { requestId: slow.request_id });
+  // A running job ends at its next step: wait for it, as a client reading the result would.
+  while ((await fal.queue.status("local/sdxl", { requestId: slow.request_id })).status !== "COMPLETED") {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
   let cancelError = null;
   try {
     await fal.queue.result("local/sdxl", { requestId: slow.request_id });
