@@ -483,6 +483,7 @@ def main() -> None:
     clients = [httpx.Client(timeout=600) for _ in range(args.concurrency)]
 
     status_url = queue_status_url(clients[0], base, args.queue_path)
+    status_path = urlsplit(status_url).path if status_url else None
     small, generations = args.requests, args.generations
     workloads = [
         Workload("plain FastAPI `GET /health` (uvicorn, no Ray)", get(f"{plain_url}/health"), small, plain=True)
@@ -494,15 +495,12 @@ def main() -> None:
     if status_url:
         workloads.append(Workload("queue status poll via proxy", get(status_url), small))
     workloads.append(Workload("`GET /health` via the status port", get(f"{status_port}/health"), small))
-    if status_url:
-        status_path = urlsplit(status_url).path
+    if status_path:
         workloads.append(Workload("queue status poll via the status port", get(status_port + status_path), small))
     if direct:
         workloads.append(Workload("`GET /health`, direct ingress (no proxy)", get(f"{direct}/health"), small))
         if status_url:
-            workloads.append(
-                Workload("queue status poll, direct ingress", get(direct + urlsplit(status_url).path), small)
-            )
+            workloads.append(Workload("queue status poll, direct ingress", get(direct + status_path), small))
     if not args.small_only:
         workloads += [
             Workload("`POST /` tiny generation (non-model part)", post_run(f"{base}/"), generations, warmup=1,
@@ -519,7 +517,7 @@ def main() -> None:
 
     counts = [int(count) for count in args.pollers.split(",")]
     poll_base = status_port if args.poll_via == "status-port" else base
-    poll_urls = [f"{poll_base}/health"] + ([poll_base + urlsplit(status_url).path] if status_url else [])
+    poll_urls = [f"{poll_base}/health"] + ([poll_base + status_path] if status_path else [])
     pinning = pin_model_to_one_core(model) if args.pin_model_core and not args.skip_slowdown else None
     slow = {} if args.skip_slowdown else slowdown(base, poll_urls, counts, args.rounds)
 

@@ -41,10 +41,11 @@ class FalRequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         echo_as_serve = bool(scope.get(VIA_STATUS_PORT))
-        request_id = "" if echo_as_serve else serve_context._get_serve_request_context().request_id
         if echo_as_serve:
             given = Headers(scope=scope).get("x-request-id", "")
             request_id = given if is_valid_request_id(given) else uuid.uuid4().hex
+        else:
+            request_id = serve_context._get_serve_request_context().request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start" and request_id and is_valid_request_id(request_id):
