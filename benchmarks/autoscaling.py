@@ -49,14 +49,16 @@ def main() -> None:
         "/",
         config_file="serve_config.yaml",
         args={
-            "model": "tiny",
-            "preview_decoder": "tiny",
-            "device": "auto",
-            "dtype": "auto",
-            "vae": None,
-            "warmup_sizes": [],
-            "torch_threads": 1,
-            "job_store": "memory",
+            "model": {
+                "source": "tiny",
+                "device": "auto",
+                "dtype": "auto",
+                "vae": None,
+                "warmup_sizes": [],
+                "torch_threads": 1,
+            },
+            "previews": {"decoder": "tiny"},
+            "queue": {"store": "memory"},
             "app_id": "local/sdxl",  # run_job's queue route
         },  # fmt: skip
         deployments={

@@ -24,8 +24,8 @@ def main() -> None:
     rows = []
     for case, args in [
         ("empty cache (generates the tiny model)", {}),
-        ("warm cache", {"final_jpeg_quality": 94}),  # a changed arg forces a new replica
-        ("warm cache + warm-up at 512", {"final_jpeg_quality": 93, "warmup_size": 512}),
+        ("warm cache", {"requests": {"final_jpeg_quality": 94}}),  # a changed arg forces a new replica
+        ("warm cache + warm-up at 512", {"requests": {"final_jpeg_quality": 93}, "model": {"warmup_size": 512}}),
     ]:
         started = time.monotonic()
         harness.deploy("sdxl", "/", args=args)

@@ -39,10 +39,11 @@ import httpx
 import ray
 import torch
 
-from deployments.engine import SDXLEngine
+from deployments.engine import EngineConfig, SDXLEngine
 from deployments.models import LoadedModels
 from serve_app.config import AppConfig
-from serve_app.schemas import GenerationRequest
+from serve_app.contract.events import RESULT_ONLY, STREAM
+from serve_app.contract.requests import GenerationRequest
 from tests.integration.harness import ServeHarness, free_port, load_config
 
 
@@ -101,13 +102,12 @@ def step_seconds(models: LoadedModels, body: dict) -> float:
 
 def ours(engine: SDXLEngine, body: dict, interval: int) -> float:
     """The engine's own `generate`, as the SDXL replica runs it, minus Serve."""
-    request = GenerationRequest(**{**body, "preview_interval": interval or None})
+    request = engine.config.policy.resolve(GenerationRequest(**{**body, "preview_interval": interval or None}))
 
     async def run() -> float:
         started = time.perf_counter()
-        async for event in engine.generate(request, previews=interval > 0):
-            if event.type == "error":  # a failed run is short, not fast
-                raise RuntimeError(f"the in-process run failed: {event.error_type}: {event.detail}")
+        async for _ in engine.generate(request, STREAM if interval else RESULT_ONLY):
+            pass  # a failed run raises: it is short, not fast
         return time.perf_counter() - started
 
     return asyncio.run(run())
@@ -277,14 +277,15 @@ def first_event_row(rounds: list[Round], name: str) -> float | None:
 
 def main() -> None:
     args = parse_args()
-    engine = SDXLEngine(AppConfig(model=args.model, device=args.device, request_timeout_s=3600))
+    config = AppConfig(model={"source": args.model, "device": args.device}, requests={"timeout_s": 3600})
+    engine = SDXLEngine(EngineConfig.of(config))
     models = engine.models
     body = request_body(args)
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own instance, never a cluster
     harness = ServeHarness(free_port())
     device = models.device.type  # every variant on the same device, never a silent fallback
-    serve_args = {"model": args.model, "device": device}
+    serve_args = {"model": {"source": args.model, "device": device}}
     base = harness.deploy(
         "bench", "/", args=serve_args, deployments={"SDXLDeployment": {"ray_actor_options": sdxl_actor_options(device)}}
     )
@@ -349,7 +350,7 @@ def main() -> None:
             url = harness.deploy(
                 "bench",
                 "/",
-                args={**serve_args, "torch_threads": 1},
+                args={"model": {**serve_args["model"], "torch_threads": 1}},
                 deployments={"SDXLDeployment": {"num_replicas": replicas, "ray_actor_options": actor_options}},
             )
             over_http(f"{url}/stream", tput_body)  # warm-up

@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/preview_cost.md"))
     args = parser.parse_args()
 
-    tiny = load_models(AppConfig(model="tiny", device="cpu"))
+    config = AppConfig(model={"source": "tiny", "device": "cpu"})
+    tiny = load_models(config.model, config.previews)
     body = {"prompt": "a red fox in the snow", "num_inference_steps": 20, "width": args.size, "height": args.size}
     step = statistics.median(step_seconds(tiny, body) for _ in range(3))
     latents = torch.randn(1, 4, args.size // 8, args.size // 8)

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from deployments.models import load_models
 from serve_app.config import AppConfig
-from serve_app.schemas import GenerationRequest
+from serve_app.contract.requests import GenerationRequest
 
 app = FastAPI()
 models = None
@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="auto")
     options = parser.parse_args()
-    models = load_models(AppConfig(model=options.model, device=options.device))
+    config = AppConfig(model={"source": options.model, "device": options.device})
+    models = load_models(config.model, config.previews)
     uvicorn.run(app, host="127.0.0.1", port=options.port, log_level="warning")
 
 

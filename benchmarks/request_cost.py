@@ -461,9 +461,9 @@ def deploy(args: argparse.Namespace) -> tuple[ServeHarness, str]:
         )
         overrides = {name: {"logging_config": args.logging_config} for name in ("SDXLIngress", "SDXLDeployment")}
     harness = ServeHarness(port)
-    app_args: dict = {"status_port": args.status_port}
+    app_args: dict = {"status_server": {"port": args.status_port}}
     if args.torch_threads is not None:
-        app_args["torch_threads"] = args.torch_threads
+        app_args["model"] = {"torch_threads": args.torch_threads}
     return harness, harness.deploy(APP, "/", CONFIG, args=app_args, deployments=overrides, timeout_s=300)
 
 

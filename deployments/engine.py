@@ -1,77 +1,105 @@
 """The SDXL engine: models, the pipeline thread, the one-run-at-a-time slot, warm-up and `generate`.
 
-It runs without Serve (tests and benchmarks drive it directly); `deployments/sdxl.py` wraps it
-for Serve. `generate` is an async generator on purpose: Serve delivers a client's disconnect to
-it as `asyncio.CancelledError`, which stops the pipeline thread; the slot is released only after
-that thread has really stopped, so the next request never shares the device with it.
+It runs without Serve (tests and benchmarks drive it directly, or through
+`deployments.in_process.InProcessGenerationClient`); `deployments/sdxl.py` wraps it for Serve.
+`generate` is an async generator on purpose: Serve delivers a client's disconnect to it as
+`asyncio.CancelledError`, which stops the pipeline thread; the slot is released only after that
+thread has really stopped, so the next request never shares the device with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from deployments.generation import END_OF_STREAM, GenerationRun, RunOutcome
 from deployments.models import LoadedModels, load_models
+from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
 from deployments.previews import PreviewSchedule
-from serve_app.config import AppConfig
-from serve_app.schemas import GenerationRequest, StreamEvent
+from serve_app.config import AppConfig, ModelConfig, PreviewConfig, RequestConfig
+from serve_app.contract.events import RunMode, StreamEvent
+from serve_app.contract.requests import GenerationRequest, RequestPolicy, ResolvedRequest
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The sections of the app's config the engine reads, and the request policy its warm-up resolves with."""
+
+    model: ModelConfig
+    previews: PreviewConfig
+    requests: RequestConfig
+    policy: RequestPolicy
+
+    @classmethod
+    def of(cls, config: AppConfig) -> EngineConfig:
+        return cls(config.model, config.previews, config.requests, config.request_policy())
 
 
 class SDXLEngine:
     def __init__(
         self,
-        config: AppConfig,
+        config: EngineConfig,
         on_preview_rendered: Callable[[float], None] | None = None,
         on_run_finished: Callable[[RunOutcome], None] | None = None,
+        on_first_preview: Callable[[float], None] | None = None,
     ) -> None:
-        """Load the models (and warm up when configured); the callbacks feed the deployment's metrics."""
+        """Load the models (and warm up when configured); the callbacks feed the deployment's metrics
+        (`on_first_preview` gets the seconds from `generate` being called to its first preview)."""
         self.config = config
-        self.models: LoadedModels = load_models(config)
+        self.models: LoadedModels = load_models(config.model, config.previews)
         self.previews: PreviewWorker = start_preview_worker(
             self.models.preview_decoder,
-            PreviewSettings(max_size=config.preview_max_size, jpeg_quality=config.preview_jpeg_quality),
+            PreviewSettings(max_size=config.previews.max_size, jpeg_quality=config.previews.jpeg_quality),
             on_rendered=on_preview_rendered,
         )
         self._on_run_finished = on_run_finished
+        self._on_first_preview = on_first_preview
         # One pipeline thread: the pipeline is not safe to call concurrently, and a long-lived
         # thread keeps its OpenMP team (a fresh thread per run measured 4.6% slower) and its
         # cuBLAS/cuDNN handles, which the warm-up creates.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self._slot = asyncio.Lock()
         self._unusable_reason: str | None = None
-        for request in warmup_requests(config):
+        for request in warmup_requests(config.model, config.policy):
             self._warm_up(request)
 
     @property
     def busy(self) -> bool:
         return self._slot.locked()
 
-    async def generate(
-        self, request: GenerationRequest, previews: bool = True, progress: bool = False
-    ) -> AsyncIterator[StreamEvent]:
-        """Preview events (and progress events when asked), then one final or error event."""
-        interval = (request.preview_interval or self.config.preview_interval) if previews else 0
+    @property
+    def usable(self) -> bool:
+        return self._unusable_reason is None
+
+    async def generate(self, request: ResolvedRequest, mode: RunMode) -> AsyncIterator[StreamEvent]:
+        """Preview events (and progress events) as `mode` asks, then the final event; a failed run raises
+        its catalog error after the slot is free."""
+        called = time.perf_counter()
+        outcome: RunOutcome | None = None
         async with self._slot:
             run = GenerationRun(
                 self.models,
                 self.previews,
                 request,
-                PreviewSchedule(interval),
-                final_jpeg_quality=self.config.final_jpeg_quality,
-                timeout_s=self.config.request_timeout_s,
-                progress=progress,
+                PreviewSchedule(request.preview_interval if mode.previews else 0),
+                final_jpeg_quality=self.config.requests.final_jpeg_quality,
+                timeout_s=self.config.requests.timeout_s,
+                progress=mode.progress,
+                on_first_preview=self._first_preview_timer(called),
             )
-            done = asyncio.wrap_future(self._pipeline_thread.submit(run.execute))
+            # In the caller's context: Serve's log lines from the pipeline thread then carry the request id.
+            execute = contextvars.copy_context().run
+            done = asyncio.wrap_future(self._pipeline_thread.submit(execute, run.execute))
             try:
                 while (event := await run.next_event()) is not END_OF_STREAM:
                     yield event
@@ -79,9 +107,11 @@ class SDXLEngine:
                 run.cancel()  # a no-op if the run already finished
                 outcome = await _wait_through_cancellation(done)
                 if outcome.error is not None and outcome.error.fatal:
-                    self._unusable_reason = str(outcome.error.detail)  # the CUDA context is gone for good
+                    self._unusable_reason = outcome.error.error_type  # the CUDA context is gone for good
                 if self._on_run_finished is not None:
                     self._on_run_finished(outcome)
+        if outcome.error is not None:
+            raise outcome.error
 
     def check_device(self) -> None:
         """Raise if a run left the device unusable, or (CUDA, between runs) if the device has failed.
@@ -90,11 +120,17 @@ class SDXLEngine:
         the slot: that run's own outcome reports a failed device, and waiting here would only stall.
         """
         if self._unusable_reason is not None:
-            raise RuntimeError(f"pipeline unusable after a device error: {self._unusable_reason}")
+            raise RuntimeError(f"pipeline unusable after a {self._unusable_reason}")
         if self.models.device.type == "cuda" and not self.busy:
             torch.cuda.synchronize(self.models.device)
 
-    def _warm_up(self, request: GenerationRequest) -> None:
+    def _first_preview_timer(self, called: float) -> Callable[[], None] | None:
+        if self._on_first_preview is None:
+            return None
+        report = self._on_first_preview
+        return lambda: report(time.perf_counter() - called)
+
+    def _warm_up(self, request: ResolvedRequest) -> None:
         """Run one warm-up request as a user's runs: on the pipeline thread, previews through the
         preview worker, the final decode. It pays torch.compile for its shape, CUDA kernel selection,
         that thread's cuBLAS/cuDNN handles, the preview stream and pinned buffers before the replica
@@ -105,7 +141,7 @@ class SDXLEngine:
             self.previews,
             request,
             PreviewSchedule(1),
-            final_jpeg_quality=self.config.final_jpeg_quality,
+            final_jpeg_quality=self.config.requests.final_jpeg_quality,
             timeout_s=math.inf,  # compiling may take minutes, past any request's deadline
             on_event=lambda event: None,
         )
@@ -122,17 +158,17 @@ class SDXLEngine:
         )
 
 
-def warmup_requests(config: AppConfig) -> list[GenerationRequest]:
+def warmup_requests(model: ModelConfig, policy: RequestPolicy) -> list[ResolvedRequest]:
     """One short request per warm-up size of the config, with what its requests default to otherwise.
 
     The guidance matters as much as the size: classifier-free guidance (`guidance_scale` > 1)
     doubles the UNet's batch, another shape for torch.compile. Empty when no warm-up is configured.
     """
-    defaults = config.apply_request_defaults(GenerationRequest(prompt="warm-up"))
-    short = {"num_inference_steps": 2, "preview_interval": 1, "seed": 0, "output_format": "jpeg"}
+    defaults = policy.resolve(GenerationRequest(prompt="warm-up", seed=0))
+    short = {"num_inference_steps": 2, "preview_interval": 1, "output_format": "jpeg"}
     return [
         defaults.model_copy(update={**short, "width": width, "height": height})
-        for width, height in config.warmup_image_sizes()
+        for width, height in model.warmup_image_sizes()
     ]
 
 

@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessor
 from deployments.random_sdxl import build_random_sdxl
 from deployments.safety import SafetyChecker
 from deployments.tiny import PREVIEW_DECODER_SUBDIR, default_cache_dir, ensure_tiny_model, ensure_tiny_safety_checker
-from serve_app.config import NO_SAFETY_CHECKER, RANDOM_SDXL, TAESDXL, TINY_MODEL, AppConfig
+from serve_app.config import NO_SAFETY_CHECKER, RANDOM_SDXL, TAESDXL, TINY_MODEL, ModelConfig, PreviewConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_models(config: AppConfig) -> LoadedModels:
+def load_models(config: ModelConfig, previews: PreviewConfig) -> LoadedModels:
     """Load the SDXL pipeline and its preview decoder onto the configured device, once per replica."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    if config.model == RANDOM_SDXL:
+    if config.source == RANDOM_SDXL:
         pipeline, decoder = build_random_sdxl(device, dtype)
     else:
-        pipeline, decoder = _load_pretrained(config, dtype)
+        pipeline, decoder = _load_pretrained(config, previews.decoder, dtype)
     if config.scheduler:
         scheduler_class = getattr(diffusers, config.scheduler)
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **config.scheduler_config)
@@ -72,26 +72,28 @@ def load_models(config: AppConfig) -> LoadedModels:
         safety_checker.model.to(device)
     if device.type == "cuda":
         _optimize_for_cuda(pipeline, decoder, config.compile)
-    logger.info("Loaded %s on %s as %s", config.model, device, dtype)
+    logger.info("Loaded %s on %s as %s", config.source, device, dtype)
     return LoadedModels(
         pipeline=pipeline, preview_decoder=decoder, device=device, dtype=dtype, safety_checker=safety_checker
     )
 
 
-def _load_pretrained(config: AppConfig, dtype: torch.dtype) -> tuple[StableDiffusionXLPipeline, AutoencoderTiny]:
-    tiny_dir = _tiny_dir(config) if TINY_MODEL in (config.model, config.preview_decoder) else None
+def _load_pretrained(
+    config: ModelConfig, preview_decoder: str | None, dtype: torch.dtype
+) -> tuple[StableDiffusionXLPipeline, AutoencoderTiny]:
+    tiny_dir = _tiny_dir(config) if TINY_MODEL in (config.source, preview_decoder) else None
     overrides = {}
     if config.vae:
         overrides["vae"] = AutoencoderKL.from_pretrained(
             config.vae, torch_dtype=dtype, **_hub_options(config.vae, config, dtype, variant=False)
         )
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        _local_or_hub(config.model, tiny_dir),
+        _local_or_hub(config.source, tiny_dir),
         torch_dtype=dtype,
         **overrides,
-        **_hub_options(config.model, config, dtype),
+        **_hub_options(config.source, config, dtype),
     )
-    decoder_source = config.preview_decoder or (TINY_MODEL if config.model == TINY_MODEL else TAESDXL)
+    decoder_source = preview_decoder or (TINY_MODEL if config.source == TINY_MODEL else TAESDXL)
     if decoder_source == TINY_MODEL:
         decoder = AutoencoderTiny.from_pretrained(tiny_dir / PREVIEW_DECODER_SUBDIR, torch_dtype=dtype)
     else:
@@ -101,7 +103,7 @@ def _load_pretrained(config: AppConfig, dtype: torch.dtype) -> tuple[StableDiffu
     return pipeline, decoder
 
 
-def _load_safety_checker(config: AppConfig, dtype: torch.dtype) -> SafetyChecker | None:
+def _load_safety_checker(config: ModelConfig, dtype: torch.dtype) -> SafetyChecker | None:
     """diffusers' safety checker and its CLIP image processor, from the same place (as in
     CompVis/stable-diffusion-safety-checker); None when the config names none."""
     if config.safety_checker == NO_SAFETY_CHECKER:
@@ -139,7 +141,7 @@ def compile_pipeline(pipeline: StableDiffusionXLPipeline, backend: str | Callabl
     pipeline.vae.decode = torch.compile(pipeline.vae.decode, backend=backend, dynamic=False)
 
 
-def _tiny_dir(config: AppConfig) -> Path:
+def _tiny_dir(config: ModelConfig) -> Path:
     cache = Path(config.cache_dir) / default_cache_dir().name if config.cache_dir else None
     return ensure_tiny_model(cache)
 
@@ -148,7 +150,7 @@ def _local_or_hub(source: str, tiny_dir: Path | None) -> str | Path:
     return tiny_dir if source == TINY_MODEL else source
 
 
-def _hub_options(source: str, config: AppConfig, dtype: torch.dtype, variant: bool = True) -> dict:
+def _hub_options(source: str, config: ModelConfig, dtype: torch.dtype, variant: bool = True) -> dict:
     """`from_pretrained` options that only make sense for a hub id (a local directory is used as is)."""
     if source == TINY_MODEL or Path(source).is_dir():
         return {}

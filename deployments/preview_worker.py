@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from deployments.previews import decode_latents, encode_image, latents_to_pixels, pixels_to_image
-from serve_app.schemas import PreviewEvent
+from serve_app.contract.events import PreviewEvent
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from serve_app.schemas import ImageFile
+from serve_app.contract.events import ImageFile
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 

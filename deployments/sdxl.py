@@ -1,6 +1,8 @@
 """The SDXL deployment: the engine plus what Serve needs (health, stats, metrics).
 
-Events cross to the ingress as plain dicts (`model_dump()` of the engine's event models).
+Its callers reach it only through `serve_app.generation.serve.ServeGenerationClient`. Events cross
+to them as the engine's event models; a failed run ends with an `ErrorEvent` (the client raises it
+as its catalog error) rather than an exception, which Serve would log as a crash of the request.
 """
 
 from __future__ import annotations
@@ -16,35 +18,36 @@ import psutil
 import ray
 from ray import serve
 
-from deployments.engine import SDXLEngine
-from deployments.generation import RunOutcome
+from deployments.engine import EngineConfig, SDXLEngine
 from deployments.metrics import SDXLMetrics
-from serve_app.config import AppConfig
-from serve_app.schemas import GenerationRequest
+from deployments.pipeline_run import RunOutcome
+from serve_app.contract.errors import ServiceError
+from serve_app.contract.events import ErrorEvent, RunMode, StreamEvent
+from serve_app.contract.requests import ResolvedRequest
 
 
 @serve.deployment
 class SDXLDeployment:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self._metrics = SDXLMetrics()
         self._outcomes: Counter[str] = Counter()
         self._steps_run = 0
         self._engine = SDXLEngine(
-            config, on_preview_rendered=self._metrics.preview_encode.observe, on_run_finished=self._record
+            config,
+            on_preview_rendered=self._metrics.preview_encode.observe,
+            on_run_finished=self._record,
+            on_first_preview=self._metrics.time_to_first_preview.observe,
         )
         self._startup_seconds = time.perf_counter() - started  # model load (+ warm-up)
 
-    async def generate(self, request: dict, previews: bool = True, progress: bool = False) -> AsyncIterator[dict]:
-        """The engine's events as dicts. `request` is a `GenerationRequest` dict."""
-        arrived = time.perf_counter()
-        first_preview = True
-        parsed = GenerationRequest.model_validate(request)
-        async for event in self._engine.generate(parsed, previews=previews, progress=progress):
-            if event.type == "preview" and first_preview:
-                first_preview = False
-                self._metrics.time_to_first_preview.observe(time.perf_counter() - arrived)
-            yield event.model_dump()
+    async def generate(self, request: ResolvedRequest, mode: RunMode) -> AsyncIterator[StreamEvent | ErrorEvent]:
+        """The engine's events; a failure as a last `ErrorEvent`."""
+        try:
+            async for event in self._engine.generate(request, mode):
+                yield event
+        except ServiceError as error:
+            yield ErrorEvent.model_validate(error.body().model_dump())
 
     def _record(self, outcome: RunOutcome) -> None:
         error_type = outcome.error.error_type if outcome.error else ""

@@ -10,9 +10,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.sdxl import SDXLDeployment
 from serve_app.config import AppConfig
-from serve_app.ingress import SDXLIngress
-from serve_app.jobs.job_queue import JobQueue
-from serve_app.schemas import GenerationRequest
+from serve_app.contract.requests import GenerationRequest
+from serve_app.http.ingress import SDXLIngress
+from serve_app.queue.job_queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "configs" / "kuberay-rayservice.yaml"
@@ -39,8 +39,8 @@ def test_config_is_valid(path: Path) -> None:
 def test_production_config_uses_gpus_and_real_models() -> None:
     app = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]
     config = AppConfig.model_validate(app["args"])
-    assert config.model == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert config.preview_decoder == "madebyollin/taesdxl"
+    assert config.model.source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert config.previews.decoder == "madebyollin/taesdxl"
     sdxl = next(d for d in app["deployments"] if d["name"] == "SDXLDeployment")
     assert sdxl["ray_actor_options"]["num_gpus"] == 1
     assert sdxl["max_ongoing_requests"] == 1
@@ -51,7 +51,7 @@ def test_local_config_is_the_offline_cpu_default() -> None:
     config = yaml.safe_load((REPO / "configs/local.yaml").read_text())
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
     args = AppConfig.model_validate(config["applications"][0]["args"])
-    assert (args.model, args.device) == ("tiny", "cpu")
+    assert (args.model.source, args.model.device) == ("tiny", "cpu")
 
 
 def test_kuberay_service_runs_the_production_serve_config() -> None:
@@ -86,8 +86,9 @@ def test_few_step_variant_is_configuration_only() -> None:
     base = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]
     assert turbo["import_path"] == base["import_path"]
     config = AppConfig.model_validate(turbo["args"])
-    assert config.scheduler == "EulerAncestralDiscreteScheduler"
-    assert config.request_defaults["num_inference_steps"] <= 4 and config.request_defaults["guidance_scale"] == 0
+    assert config.model.scheduler == "EulerAncestralDiscreteScheduler"
+    defaults = config.requests.defaults
+    assert defaults["num_inference_steps"] <= 4 and defaults["guidance_scale"] == 0
 
 
 FP16_SAFE_VAES = {"madebyollin/sdxl-vae-fp16-fix"}  # config `force_upcast: false`: decodes in float16
@@ -105,7 +106,7 @@ def cuda_apps() -> list[tuple[str, dict]]:
         (f"{name}:{app['name']}", app)
         for name, config in serve_configs().items()
         for app in config["applications"]
-        if app["args"].get("device") == "cuda"
+        if AppConfig.model_validate(app["args"]).model.device == "cuda"
     ]
 
 
@@ -117,10 +118,10 @@ def test_every_cuda_config_is_set_up_for_the_gpu(name: str, app: dict) -> None:
     config = AppConfig.model_validate(app["args"])
     sdxl = next(d for d in app["deployments"] if d["name"] == SDXLDeployment.name)
     assert sdxl["ray_actor_options"]["num_gpus"] >= 1
-    if config.dtype in ("float16", "auto"):
-        assert config.vae in FP16_SAFE_VAES, f"{name}: float16 on CUDA without an fp16-safe `vae`"
-    defaults = config.apply_request_defaults(GenerationRequest(prompt="check"))
-    assert (defaults.width, defaults.height) in config.warmup_image_sizes()
+    if config.model.dtype in ("float16", "auto"):
+        assert config.model.vae in FP16_SAFE_VAES, f"{name}: float16 on CUDA without an fp16-safe `vae`"
+    defaults = config.request_policy().resolve(GenerationRequest(prompt="check"))
+    assert (defaults.width, defaults.height) in config.model.warmup_image_sizes()
 
 
 def test_there_are_cuda_configs_to_check() -> None:
@@ -148,10 +149,10 @@ def test_the_production_job_store_is_redis_with_its_url_from_a_secret() -> None:
     service = documents["RayService/sdxl-serve"]
     args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
     config = AppConfig.model_validate(args)
-    assert config.job_store == "redis"
+    assert config.queue.store == "redis"
     (workers,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     env = {item["name"]: item for item in workers["template"]["spec"]["containers"][0]["env"]}
-    assert env[config.redis_url_env]["valueFrom"]["secretKeyRef"]["name"] == "sdxl-serve-redis"
+    assert env[config.queue.redis_url_env]["valueFrom"]["secretKeyRef"]["name"] == "sdxl-serve-redis"
     redis = documents["StatefulSet/sdxl-redis"]["spec"]["template"]["spec"]["containers"][0]
     assert "--appendonly" in redis["args"] and "Service/sdxl-redis" in documents
 
@@ -165,7 +166,7 @@ def test_the_front_proxy_is_the_public_entry_and_every_serve_proxy_runs_the_edge
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for pod in pods:
         env = {item["name"]: item.get("value") for item in pod["template"]["spec"]["containers"][0]["env"]}
-        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve_app.edge:proxy_middlewares"
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve_app.http.edge:proxy_middlewares"
 
 
 def test_the_front_proxy_sends_polls_to_the_status_port_and_kubernetes_runs_the_same_nginx_config() -> None:
@@ -193,10 +194,10 @@ def test_the_front_proxy_sends_polls_to_the_status_port_and_kubernetes_runs_the_
     production = AppConfig.model_validate(
         yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
     )
-    assert local_args["status_port"] == production.status_port == 8001
-    assert production.status_host == "0.0.0.0"  # nginx runs in its own pods
+    assert local_args["status_server"]["port"] == production.status_server.port == 8001
+    assert production.status_server.host == "0.0.0.0"  # nginx runs in its own pods
     (port,) = documents["Service/sdxl-serve-status"]["spec"]["ports"]
-    assert port["port"] == port["targetPort"] == production.status_port
+    assert port["port"] == port["targetPort"] == production.status_server.port
     assert documents["Service/sdxl-serve-status"]["spec"]["clusterIP"] == "None"  # pod addresses, for nginx
     policy = documents["NetworkPolicy/sdxl-serve-only-from-edge"]["spec"]["ingress"][0]
-    assert {rule["port"] for rule in policy["ports"]} == {8000, production.status_port}
+    assert {rule["port"] for rule in policy["ports"]} == {8000, production.status_server.port}

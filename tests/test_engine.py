@@ -1,5 +1,5 @@
-"""The SDXL engine in-process: error events, whether the device stays usable after a failure, and
-health checks that never hold up a streaming run."""
+"""The SDXL engine in-process: failures as catalog errors, whether the device stays usable after a
+failure, and health checks that never hold up a streaming run."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments.engine import SDXLEngine
-from deployments.generation import GenerationRun, RunOutcome
+from deployments.engine import EngineConfig, SDXLEngine
+from deployments.pipeline_run import GenerationRun, RunOutcome
 from deployments.sdxl import SDXLDeployment
-from serve_app.config import AppConfig
-from serve_app.schemas import GenerationRequest
+from serve_app.contract.events import STREAM, RunMode
+from tests.tiny_engine import collect, resolved, tiny_config, tiny_engine
 
-REQUEST = GenerationRequest(prompt="a red fox", num_inference_steps=3, width=128, height=128, seed=0)
+REQUEST = resolved(num_inference_steps=3, width=128, height=128, seed=0)
 ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
 
 
@@ -29,16 +29,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(cache: Path) -> SDXLEngine:
-    return SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache), warmup_size=128))
-
-
-def collect(
-    engine: SDXLEngine, request: GenerationRequest = REQUEST, previews: bool = True, progress: bool = False
-) -> list[dict]:
-    async def run() -> list[dict]:
-        return [event.model_dump() async for event in engine.generate(request, previews, progress)]
-
-    return asyncio.run(run())
+    return tiny_engine(cache, model={"warmup_size": 128})
 
 
 def raising(error: Exception):
@@ -56,27 +47,31 @@ def failing_unet(engine: SDXLEngine, error: Exception):
 
 
 def test_success_leaves_the_slot_free(engine: SDXLEngine) -> None:
-    events = collect(engine)
+    events = collect(engine, REQUEST)
     assert [event["type"] for event in events] == ["preview", "final"]
     assert not engine.busy
 
 
-def test_ordinary_exception_is_an_error_event_and_device_stays_usable(engine: SDXLEngine) -> None:
-    restore = failing_unet(engine, ValueError("bad shapes"))
+def test_ordinary_exception_is_generation_failed_and_device_stays_usable(
+    engine: SDXLEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client reads the catalog's message; the exception's text goes to the log."""
+    restore = failing_unet(engine, ValueError("bad shapes at /srv/secret/path"))
     try:
-        events = collect(engine)
+        events = collect(engine, REQUEST)
     finally:
         restore()
-    assert events == [{"type": "error", "detail": "ValueError: bad shapes", "error_type": "generation_failed"}]
+    assert events == [{"type": "error", "detail": "the generation failed", "error_type": "generation_failed"}]
+    assert "bad shapes at /srv/secret/path" in caplog.text
     engine.check_device()  # does not raise
-    assert [event["type"] for event in collect(engine)] == ["preview", "final"]
+    assert [event["type"] for event in collect(engine, REQUEST)] == ["preview", "final"]
 
 
 def test_device_error_makes_the_device_unusable(cache: Path) -> None:
     """A fake: a real fatal CUDA error needs a GPU, so the UNet raises the error CUDA would."""
-    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    engine = tiny_engine(cache)
     failing_unet(engine, RuntimeError(ILLEGAL_ADDRESS))
-    events = collect(engine, previews=False)
+    events = collect(engine, REQUEST, previews=False)
     assert [event["error_type"] for event in events] == ["device_error"]
     with pytest.raises(RuntimeError, match="unusable"):
         engine.check_device()  # the deployment's health check: Serve replaces the replica
@@ -84,9 +79,9 @@ def test_device_error_makes_the_device_unusable(cache: Path) -> None:
 
 def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Path) -> None:
     """cuBLAS reports running out of memory as a CUDA error; the device is still usable after it."""
-    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    engine = tiny_engine(cache)
     failing_unet(engine, RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
-    events = collect(engine, previews=False)
+    events = collect(engine, REQUEST, previews=False)
     assert [event["error_type"] for event in events] == ["out_of_memory"]
     engine.check_device()  # does not raise: Serve keeps the replica
 
@@ -94,11 +89,10 @@ def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Pat
 def test_device_error_in_the_preview_path_makes_the_device_unusable(cache: Path) -> None:
     """A fake, as above, raised by the preview decoder: the preview worker hands the run the original
     exception, which is classified like any other, not as a generic preview failure."""
-    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    engine = tiny_engine(cache)
     engine.models.preview_decoder.decode = raising(RuntimeError(ILLEGAL_ADDRESS))
-    events = collect(engine)
+    events = collect(engine, REQUEST)
     assert [event["error_type"] for event in events] == ["device_error"]
-    assert events[0]["detail"].startswith("preview decoding failed: device error: CUDA error")
     with pytest.raises(RuntimeError, match="unusable"):
         engine.check_device()
 
@@ -111,7 +105,7 @@ def test_device_error_in_a_run_the_client_left_still_makes_the_device_unusable(
     before the run reaches a step boundary, or from a preview decode the run only looks at after it
     has seen the cancellation. Nobody reads the error event; the run's outcome still decides."""
     outcomes: list[RunOutcome] = []
-    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)), on_run_finished=outcomes.append)
+    engine = SDXLEngine(EngineConfig.of(tiny_config(cache)), on_run_finished=outcomes.append)
     client_left = threading.Event()
     cancel = GenerationRun.cancel
     monkeypatch.setattr(GenerationRun, "cancel", lambda run: (cancel(run), client_left.set()))
@@ -131,7 +125,9 @@ def test_device_error_in_a_run_the_client_left_still_makes_the_device_unusable(
         engine.models.preview_decoder.decode = raising(RuntimeError(ILLEGAL_ADDRESS))
 
     async def leave_after_the_first_event() -> str:
-        stream = engine.generate(REQUEST.model_copy(update={"preview_interval": 1}), progress=True)
+        stream = engine.generate(
+            REQUEST.model_copy(update={"preview_interval": 1}), RunMode(previews=True, progress=True)
+        )
         async with contextlib.aclosing(stream):
             async for event in stream:
                 return event.type
@@ -165,7 +161,7 @@ def test_health_check_does_not_hold_up_a_streaming_run(engine: SDXLEngine, monke
         request = REQUEST.model_copy(update={"num_inference_steps": 4, "preview_interval": 1})
         types: list[str] = []
         health = None
-        async for event in engine.generate(request):
+        async for event in engine.generate(request, STREAM):
             types.append(event.type)
             if health is None:
                 health = asyncio.ensure_future(deployment.check_health())

@@ -3,7 +3,6 @@ a batch as one pipeline call with per-image seeds, previews of a batch, and the 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from deployments.engine import SDXLEngine
-from deployments.generation import batch_generators
+from deployments.pipeline_run import batch_generators
 from deployments.tiny import (
     TINY_CHECKER_FLAGS,
     default_cache_dir,
@@ -26,8 +25,9 @@ from deployments.tiny import (
     write_tiny_safety_checker,
 )
 from serve_app.config import AppConfig
-from serve_app.errors import ValidationFailed
-from serve_app.schemas import GenerationRequest
+from serve_app.contract.errors import ValidationFailed
+from serve_app.contract.requests import GenerationRequest
+from tests import tiny_engine
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"prompt": "a red fox", "num_inference_steps": 3, "width": 128, "height": 128, "seed": 5}
@@ -42,16 +42,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(cache: Path) -> SDXLEngine:
-    return SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache), safety_checker="tiny"))
+    return tiny_engine.tiny_engine(cache, model={"safety_checker": "tiny"})
 
 
 def collect(engine: SDXLEngine, fields: dict, previews: bool = False) -> list[dict]:
-    request = GenerationRequest.model_validate(fields)
-
-    async def run() -> list[dict]:
-        return [event.model_dump() async for event in engine.generate(request, previews=previews)]
-
-    return asyncio.run(run())
+    return tiny_engine.collect(engine, tiny_engine.resolved(**fields), previews)
 
 
 def pixels(file: dict) -> np.ndarray:
@@ -62,8 +57,8 @@ def pixels(file: dict) -> np.ndarray:
 
 
 def test_fast_sdxl_profile_gives_fals_defaults() -> None:
-    config = AppConfig(request_profile="fast-sdxl")
-    request = config.apply_request_defaults(GenerationRequest(prompt="a fox"))
+    config = AppConfig(requests={"profile": "fast-sdxl"})
+    request = config.request_policy().resolve(GenerationRequest(prompt="a fox"))
     assert (request.num_inference_steps, request.guidance_scale, request.negative_prompt) == (25, 7.5, "")
     assert (request.width, request.height, request.output_format) == (1024, 1024, "jpeg")  # square_hd, jpeg
 
@@ -78,34 +73,34 @@ def test_fast_sdxl_profile_gives_fals_defaults() -> None:
     ],
 )
 def test_what_the_client_sends_wins_over_profile_and_defaults(sent: dict, expected: dict) -> None:
-    config = AppConfig(request_profile="fast-sdxl", request_defaults={"image_size": "square", "format": "png"})
-    assert config.request_defaults == {"width": 512, "height": 512, "output_format": "png"}  # our names
-    request = config.apply_request_defaults(GenerationRequest.model_validate({"prompt": "a fox", **sent}))
+    config = AppConfig(requests={"profile": "fast-sdxl", "defaults": {"image_size": "square", "format": "png"}})
+    assert config.requests.defaults == {"width": 512, "height": 512, "output_format": "png"}  # our names
+    request = config.request_policy().resolve(GenerationRequest.model_validate({"prompt": "a fox", **sent}))
     assert {key: getattr(request, key) for key in expected} == expected
 
 
 def test_default_profile_keeps_the_lighter_local_defaults() -> None:
-    request = AppConfig().apply_request_defaults(GenerationRequest(prompt="a fox"))
+    request = AppConfig().request_policy().resolve(GenerationRequest(prompt="a fox"))
     assert (request.num_inference_steps, request.negative_prompt) == (20, "blurry, low quality")
 
 
 def test_num_images_over_the_deployments_cap_is_a_422_naming_it() -> None:
-    config = AppConfig(max_num_images=2)
-    assert config.apply_request_defaults(GenerationRequest(prompt="a fox", num_images=2)).num_images == 2
+    policy = AppConfig(requests={"max_num_images": 2}).request_policy()
+    assert policy.resolve(GenerationRequest(prompt="a fox", num_images=2)).num_images == 2
     with pytest.raises(ValidationFailed) as raised:
-        config.apply_request_defaults(GenerationRequest(prompt="a fox", num_images=3))
+        policy.resolve(GenerationRequest(prompt="a fox", num_images=3))
     assert raised.value.status_code == 422
     assert raised.value.detail[0]["loc"] == ["body", "num_images"]
     with pytest.raises(ValueError, match="over max_num_images"):
-        AppConfig(max_num_images=2, request_defaults={"num_images": 4})
+        AppConfig(requests={"max_num_images": 2, "defaults": {"num_images": 4}})
 
 
 def test_production_config_is_fal_fast_sdxl() -> None:
     app = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]
     config = AppConfig.model_validate(app["args"])
-    assert (config.app_id, config.request_profile) == ("fal-ai/fast-sdxl", "fast-sdxl")
-    defaults = config.apply_request_defaults(GenerationRequest(prompt="check"))
-    assert (defaults.width, defaults.height) in config.warmup_image_sizes()  # square_hd is warmed up
+    assert (config.app_id, config.requests.profile) == ("fal-ai/fast-sdxl", "fast-sdxl")
+    defaults = config.request_policy().resolve(GenerationRequest(prompt="check"))
+    assert (defaults.width, defaults.height) in config.model.warmup_image_sizes()  # square_hd is warmed up
 
 
 # --- One batched pipeline call, seeds, previews ---------------------------------------------------
@@ -179,7 +174,7 @@ def test_a_check_turned_off_claims_nothing(engine: SDXLEngine) -> None:
 
 
 def test_without_a_checker_has_nsfw_concepts_is_null_per_image(cache: Path) -> None:
-    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", cache_dir=str(cache)))
+    engine = tiny_engine.tiny_engine(cache)
     assert engine.models.safety_checker is None
     assert collect(engine, {**FLAGGED_BATCH, "num_images": 3})[-1]["has_nsfw_concepts"] == [None] * 3
 

@@ -3,7 +3,6 @@ under torch.compile, where the warm-up runs, and the config checks that keep GPU
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from pathlib import Path
 
@@ -11,11 +10,12 @@ import pytest
 import torch
 
 import deployments.engine as engine_module
-from deployments.engine import SDXLEngine, warmup_requests
+from deployments.engine import EngineConfig, SDXLEngine, warmup_requests
 from deployments.models import LoadedModels, compile_pipeline
 from deployments.preview_worker import CudaPreviewWorker
 from serve_app.config import AppConfig
-from serve_app.schemas import GenerationRequest
+from serve_app.contract.requests import ResolvedRequest
+from tests.tiny_engine import collect, resolved, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +23,16 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def collect(engine: SDXLEngine, request: GenerationRequest, previews: bool = False) -> list[dict]:
-    async def run() -> list[dict]:
-        return [event.model_dump() async for event in engine.generate(request, previews)]
-
-    return asyncio.run(run())
-
-
-def request_at(config: AppConfig, width: int, height: int, **fields: object) -> GenerationRequest:
+def request_at(config: AppConfig, width: int, height: int, **fields: object) -> ResolvedRequest:
     """A request as the ingress hands it over: the config's request defaults filled in."""
-    request = GenerationRequest(prompt="a red fox", num_inference_steps=2, width=width, height=height, seed=0, **fields)
-    return config.apply_request_defaults(request)
+    return resolved(config, num_inference_steps=2, width=width, height=height, seed=0, **fields)
 
 
 def test_a_failed_decode_leaves_a_float16_vae_in_float16(cache: Path) -> None:
     """SDXL's pipeline upcasts a float16 VAE that says `force_upcast` to float32 for the final decode and
     casts it back only when the decode returns. The tiny model in float16 on the CPU (its ops run in
     float16 there) with one injected decoder failure: the next request must still succeed."""
-    engine = SDXLEngine(AppConfig(model="tiny", device="cpu", dtype="float16", cache_dir=str(cache)))
+    engine = SDXLEngine(EngineConfig.of(tiny_config(cache, model={"dtype": "float16"})))
     vae = engine.models.pipeline.vae
     assert (vae.dtype, vae.config.force_upcast) == (torch.float16, True)
     decoder_forward = vae.decoder.forward
@@ -51,12 +43,12 @@ def test_a_failed_decode_leaves_a_float16_vae_in_float16(cache: Path) -> None:
         raise RuntimeError("decode failed")
 
     vae.decoder.forward = fail_once
-    request = GenerationRequest(prompt="a red fox", num_inference_steps=2, width=128, height=128, seed=0)
-    assert collect(engine, request) == [
-        {"type": "error", "detail": "RuntimeError: decode failed", "error_type": "generation_failed"}
+    request = resolved(num_inference_steps=2, width=128, height=128, seed=0)
+    assert collect(engine, request, previews=False) == [
+        {"type": "error", "detail": "the generation failed", "error_type": "generation_failed"}
     ]
     assert vae.dtype == torch.float16
-    assert [event["type"] for event in collect(engine, request)] == ["final"]
+    assert [event["type"] for event in collect(engine, request, previews=False)] == ["final"]
 
 
 @pytest.fixture
@@ -74,8 +66,8 @@ def compiled_graphs(monkeypatch: pytest.MonkeyPatch):
 
     load_models = engine_module.load_models
 
-    def load_and_compile(config: AppConfig) -> LoadedModels:
-        models = load_models(config)
+    def load_and_compile(*config: object) -> LoadedModels:
+        models = load_models(*config)
         compile_pipeline(models.pipeline, backend=counting_backend)
         return models
 
@@ -89,23 +81,20 @@ def test_warm_up_compiles_every_configured_shape(cache: Path, compiled_graphs: l
     """Turbo's case: request defaults of 128x128 (512x512 there) with `guidance_scale: 0`, a UNet batch
     of 1, plus a second size. After the warm-up no request at those shapes compiles anything; a request
     that turns classifier-free guidance on is another shape, and compiles (the documented exception)."""
-    config = AppConfig(
-        model="tiny",
-        device="cpu",
-        cache_dir=str(cache),
-        compile=True,
-        request_defaults={"width": 128, "height": 128, "guidance_scale": 0.0},
-        warmup_sizes=["128x128", "192x128"],
+    config = tiny_config(
+        cache,
+        model={"compile": True, "warmup_sizes": ["128x128", "192x128"]},
+        requests={"defaults": {"width": 128, "height": 128, "guidance_scale": 0.0}},
     )
-    engine = SDXLEngine(config)
+    engine = SDXLEngine(EngineConfig.of(config))
     compiled_at_start = len(compiled_graphs)
     assert compiled_at_start >= 4  # the UNet and the VAE decoder, at each size
 
     for width, height in [(128, 128), (192, 128)]:
-        assert [event["type"] for event in collect(engine, request_at(config, width, height))] == ["final"]
+        assert [event["type"] for event in collect(engine, request_at(config, width, height), False)] == ["final"]
     assert len(compiled_graphs) == compiled_at_start
 
-    collect(engine, request_at(config, 128, 128, guidance_scale=7.5))
+    collect(engine, request_at(config, 128, 128, guidance_scale=7.5), previews=False)
     assert len(compiled_graphs) > compiled_at_start
 
 
@@ -117,8 +106,8 @@ def test_warm_up_runs_on_the_pipeline_thread_through_the_preview_worker(
     unet_threads: set[str] = set()
     load_models = engine_module.load_models
 
-    def load_and_watch(config: AppConfig) -> LoadedModels:
-        models = load_models(config)
+    def load_and_watch(*config: object) -> LoadedModels:
+        models = load_models(*config)
         forward = models.pipeline.unet.forward
 
         def watched_forward(*args, **kwargs):
@@ -131,27 +120,26 @@ def test_warm_up_runs_on_the_pipeline_thread_through_the_preview_worker(
     monkeypatch.setattr(engine_module, "load_models", load_and_watch)
     rendered: list[float] = []
     engine = SDXLEngine(
-        AppConfig(model="tiny", device="cpu", cache_dir=str(cache), warmup_sizes=["128x128", "128x192"]),
+        EngineConfig.of(tiny_config(cache, model={"warmup_sizes": ["128x128", "128x192"]})),
         on_preview_rendered=rendered.append,
     )
     (warm_up_thread,) = unet_threads
     assert warm_up_thread.startswith("sdxl-pipeline")
     assert len(rendered) >= 2  # at least one preview per warm-up size
     unet_threads.clear()
-    collect(engine, GenerationRequest(prompt="a red fox", num_inference_steps=2, width=128, height=128, seed=0))
+    collect(engine, resolved(num_inference_steps=2, width=128, height=128, seed=0), previews=False)
     assert unet_threads == {warm_up_thread}
 
 
 def test_warm_up_requests_are_the_served_shapes() -> None:
     config = AppConfig(
-        request_defaults={"width": 512, "height": 512, "guidance_scale": 0.0, "num_inference_steps": 4},
-        warmup_size=512,
-        warmup_sizes=["512x512", "768x512"],
+        model={"warmup_size": 512, "warmup_sizes": ["512x512", "768x512"]},
+        requests={"defaults": {"width": 512, "height": 512, "guidance_scale": 0.0, "num_inference_steps": 4}},
     )
-    requests = warmup_requests(config)
+    requests = warmup_requests(config.model, config.request_policy())
     assert [(r.width, r.height, r.guidance_scale) for r in requests] == [(512, 512, 0.0), (768, 512, 0.0)]
     assert {(r.num_inference_steps, r.preview_interval) for r in requests} == {(2, 1)}  # short, every preview
-    assert warmup_requests(AppConfig()) == []
+    assert warmup_requests(AppConfig().model, AppConfig().request_policy()) == []
 
 
 @pytest.mark.parametrize(
@@ -167,26 +155,25 @@ def test_warm_up_requests_are_the_served_shapes() -> None:
 )
 def test_warm_up_settings_that_would_leave_a_first_user_compiling_are_refused(args: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        AppConfig(**args)
+        AppConfig(model=args)
 
 
 def test_compile_with_the_defaults_size_warmed_up_is_accepted() -> None:
     config = AppConfig(
-        compile=True, request_defaults={"width": 512, "height": 512}, warmup_sizes=["512x512", "1024x1024"]
+        model={"compile": True, "warmup_sizes": ["512x512", "1024x1024"]},
+        requests={"defaults": {"width": 512, "height": 512}},
     )
-    assert config.warmup_image_sizes() == [(512, 512), (1024, 1024)]
+    assert config.model.warmup_image_sizes() == [(512, 512), (1024, 1024)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tiny_model_on_cuda(cache: Path) -> None:
     """On a GPU (skipped elsewhere): float16, the warm-up, previews on the side stream, and a failed
     float16 decode that leaves the next request working."""
-    engine = SDXLEngine(AppConfig(model="tiny", device="cuda", cache_dir=str(cache), warmup_sizes=["128x128"]))
+    engine = SDXLEngine(EngineConfig.of(tiny_config(cache, model={"device": "cuda", "warmup_sizes": ["128x128"]})))
     assert isinstance(engine.previews, CudaPreviewWorker)
     assert engine.models.pipeline.vae.dtype == torch.float16
-    request = GenerationRequest(
-        prompt="a red fox", num_inference_steps=4, width=128, height=128, seed=0, preview_interval=1
-    )
+    request = resolved(num_inference_steps=4, width=128, height=128, seed=0, preview_interval=1)
     types = [event["type"] for event in collect(engine, request, previews=True)]
     assert types[0] == "preview" and types[-1] == "final"
 
@@ -198,6 +185,6 @@ def test_tiny_model_on_cuda(cache: Path) -> None:
         raise RuntimeError("decode failed")
 
     vae.decoder.forward = fail_once
-    assert [event["error_type"] for event in collect(engine, request)] == ["generation_failed"]
-    assert [event["type"] for event in collect(engine, request)] == ["final"]
+    assert [event["error_type"] for event in collect(engine, request, previews=False)] == ["generation_failed"]
+    assert [event["type"] for event in collect(engine, request, previews=False)] == ["final"]
     engine.check_device()

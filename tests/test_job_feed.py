@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from serve_app.jobs.feed import JobFeed, JobMirror, JobSnapshot
+from serve_app.contract.queue import LogEntry
+from serve_app.queue.feed import JobFeed, JobMirror, JobSnapshot
 
 pytestmark = pytest.mark.anyio
 
@@ -17,7 +18,9 @@ def anyio_backend() -> str:
 
 
 def snapshot(request_id: str, state: str = "IN_QUEUE", logs: int = 0) -> JobSnapshot:
-    return JobSnapshot(request_id=request_id, state=state, logs=[{"message": f"line {i}"} for i in range(logs)])
+    return JobSnapshot(
+        request_id=request_id, state=state, logs=[LogEntry(message=f"line {i}", timestamp="t") for i in range(logs)]
+    )
 
 
 async def test_changes_are_what_changed_since_a_version_and_the_queue_order() -> None:

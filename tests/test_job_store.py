@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from serve_app.errors import Cancelled
-from serve_app.jobs import JobError, JobRecord, JobStore, MemoryJobStore, QueueFull
-from serve_app.jobs.redis_store import RedisJobStore
+from serve_app.contract.errors import ErrorBody
+from serve_app.contract.queue import LogEntry
+from serve_app.queue import JobRecord, JobStore, MemoryJobStore, QueueFull
+from serve_app.queue.redis_store import RedisJobStore
 from tests.redis_server import redis_url  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.anyio
@@ -21,6 +22,10 @@ SHORT_LEASE_S = 0.1  # expired after EXPIRY_WAIT_S
 EXPIRY_WAIT_S = 0.25
 
 StoreFactory = Callable[..., JobStore]
+
+
+def log(message: str) -> LogEntry:
+    return LogEntry(message=message, timestamp="2025-01-01T00:00:00+00:00")
 
 
 @pytest.fixture
@@ -69,7 +74,7 @@ async def submit_many(store: JobStore, count: int, max_queued: int = 100) -> lis
 
 
 def test_record_round_trips_through_json() -> None:
-    record = new_job().model_copy(update={"error": JobError(detail="x", error_type="y", status_code=500)})
+    record = new_job().model_copy(update={"error": ErrorBody(detail="x", error_type="y")})
     assert JobRecord.model_validate_json(record.model_dump_json()) == record
 
 
@@ -127,10 +132,7 @@ async def test_finish_exactly_once(store: JobStore, finisher: str | None, finish
         assert await store.finish(request_id, "a", result=result, inference_time=1.25) is True
 
     for late_finisher in ("a", None):
-        assert (
-            await store.finish(request_id, late_finisher, error=JobError(detail="x", error_type="y", status_code=500))
-            is False
-        )
+        assert await store.finish(request_id, late_finisher, error=ErrorBody(detail="x", error_type="y")) is False
     record = await store.get(request_id)
     assert (record.state, record.result, record.inference_time, record.error) == ("COMPLETED", result, 1.25, None)
     assert record.finished_at is not None and await store.running_ids() == []
@@ -159,11 +161,11 @@ async def test_cancel(store: JobStore, state: str, outcome: str) -> None:
         assert await store.queued_ids() == [ids[0], ids[2]]
         assert await store.position(ids[2]) == 1
         assert record.state == "COMPLETED" and record.result is None
-        assert (record.error.error_type, record.error.status_code) == ("cancelled", Cancelled.status_code)
+        assert record.error.error_type == "cancelled"
         assert await store.finish(target, None, result={}) is False
     elif state == "running":
         assert record.state == "IN_PROGRESS" and record.cancel_requested
-        assert await store.finish(target, "a", error=JobError(detail="stop", error_type="cancelled", status_code=400))
+        assert await store.finish(target, "a", error=ErrorBody(detail="stop", error_type="cancelled"))
     elif state == "completed":
         assert record.error is None and not record.cancel_requested
     else:
@@ -210,7 +212,7 @@ async def test_reclaim_gives_up_after_max_attempts(store: JobStore) -> None:
 
     record = await store.get(request_id)
     assert record.state == "COMPLETED" and record.finished_at is not None
-    assert (record.error.error_type, record.error.status_code) == ("replica_failed", 502)
+    assert record.error.error_type == "replica_failed"
     assert await store.queued_ids() == [] and await store.running_ids() == []
     assert await store.finish(request_id, None, result={}) is False
 
@@ -228,20 +230,19 @@ async def test_reclaim_completes_a_job_cancelled_while_running(store: JobStore) 
 
 async def test_logs_keep_their_order(store: JobStore) -> None:
     (request_id,) = await submit_many(store, 1)
-    log = {"level": "INFO", "source": "USER", "timestamp": "2025-01-01T00:00:00+00:00"}
-    await store.append_logs(request_id, [{**log, "message": "queued"}])
+    await store.append_logs(request_id, [log("queued")])
     await store.claim("a", LONG_LEASE_S)
     for step in range(1, 4):
-        await store.append_logs(request_id, [{**log, "message": f"step {step}"}])
-    await store.append_logs(request_id, [{**log, "message": "4"}, {**log, "message": "5"}])
+        await store.append_logs(request_id, [log(f"step {step}")])
+    await store.append_logs(request_id, [log("4"), log("5")])
     await store.append_logs(request_id, [])
     messages = ["queued", "step 1", "step 2", "step 3", "4", "5"]
-    assert [entry["message"] for entry in (await store.get(request_id)).logs] == messages
+    assert [entry.message for entry in (await store.get(request_id)).logs] == messages
 
     await store.finish(request_id, "a", result={})
-    await store.append_logs(request_id, [{**log, "message": "too late"}])
-    assert [entry["message"] for entry in (await store.get(request_id)).logs] == messages
-    await store.append_logs("nobody", [{**log, "message": "lost"}])
+    await store.append_logs(request_id, [log("too late")])
+    assert [entry.message for entry in (await store.get(request_id)).logs] == messages
+    await store.append_logs("nobody", [log("lost")])
     assert await store.get("nobody") is None
 
 
@@ -257,7 +258,7 @@ async def test_completed_jobs_and_files_expire(make_store: StoreFactory) -> None
     done, running, queued = await submit_many(store, 3)
     await store.claim("a", LONG_LEASE_S)
     await store.claim("a", LONG_LEASE_S)
-    await store.append_logs(done, [{"message": "m", "level": "INFO", "source": "USER", "timestamp": "t"}])
+    await store.append_logs(done, [log("m")])
     await store.finish(done, "a", result={})
     await store.put_file("done.jpeg", b"jpeg", "image/jpeg")
     assert await store.get(done) is not None
@@ -293,7 +294,7 @@ async def test_a_new_redis_store_sees_everything(redis_url: str) -> None:  # noq
     old = RedisJobStore.from_url(redis_url, prefix=prefix)
     ids = await submit_many(old, 3)
     await old.claim("old-replica", SHORT_LEASE_S)
-    await old.append_logs(ids[0], [{"message": "step 1"}])
+    await old.append_logs(ids[0], [log("step 1")])
     await old.put_file("f", b"x", "image/jpeg")
     await old.close()
 
@@ -305,7 +306,7 @@ async def test_a_new_redis_store_sees_everything(redis_url: str) -> None:  # noq
         assert await new.reclaim_expired(max_attempts=3) == ids[:1]
         assert await new.queued_ids() == ids
         claimed = await new.claim("new-replica", LONG_LEASE_S)
-        assert (claimed.request_id, claimed.attempts, claimed.logs) == (ids[0], 2, [{"message": "step 1"}])
+        assert (claimed.request_id, claimed.attempts, claimed.logs) == (ids[0], 2, [log("step 1")])
         assert await new.finish(ids[0], "new-replica", result={"ok": True})
     finally:
         await new.close()

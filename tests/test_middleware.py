@@ -16,7 +16,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from serve_app.config import AppConfig
-from serve_app.edge import (
+from serve_app.http.app import build_http_app
+from serve_app.http.edge import (
     BodyGuard,
     HeadSizeLimit,
     HostAllowList,
@@ -25,9 +26,10 @@ from serve_app.edge import (
     proxy_middlewares,
     without_client_controls,
 )
-from serve_app.http_app import MAX_VALIDATION_ERRORS, build_http_app
-from serve_app.jobs.gateway import JobGateway
-from serve_app.middleware import ApiKeys, ClientConcurrencyLimit, SecurityHeaders
+from serve_app.http.errors import MAX_VALIDATION_ERRORS
+from serve_app.http.middleware import CLIENT_SCOPE_KEY, ApiKeys, ClientConcurrencyLimit, ClientLedger, SecurityHeaders
+from serve_app.http.queue_api import QueueApi
+from serve_app.http.routes import route_table
 
 
 def http_scope(
@@ -354,22 +356,20 @@ class Gate:
     def __init__(self, job_id: str | None = None) -> None:
         self.release = asyncio.Event()
         self.job_id = job_id
+        self.ledger: ClientLedger | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.release.wait()
-        headers = {"x-fal-request-id": self.job_id} if self.job_id else None
-        await JSONResponse({}, headers=headers)(scope, receive, send)
+        if self.job_id and self.ledger is not None:  # what the queue API does for a submit it admitted
+            self.ledger.add_job(scope[CLIENT_SCOPE_KEY], self.job_id)
+        await JSONResponse({})(scope, receive, send)
 
 
-def limiter(app, jobs_in_flight: set[str] | None = None, keys: ApiKeys | None = None) -> ClientConcurrencyLimit:
+def limiter(app: Gate, jobs_in_flight: set[str] | None = None, keys: ApiKeys | None = None) -> ClientConcurrencyLimit:
     active = jobs_in_flight if jobs_in_flight is not None else set()
+    app.ledger = ClientLedger(active.__contains__)
     return ClientConcurrencyLimit(
-        app,
-        limit=1,
-        generation_paths={"/", "/stream"},
-        queue_path="/queue/local/sdxl",
-        keys=keys or ApiKeys([]),
-        job_in_flight=active.__contains__,
+        app, limit=1, routes=route_table("local/sdxl"), ledger=app.ledger, keys=keys or ApiKeys([])
     )
 
 
@@ -439,22 +439,23 @@ def test_with_api_keys_the_client_is_its_key_not_its_address() -> None:
     assert "k1" not in limit.client(http_scope(same_address[0]))  # hashed, not kept in clear
 
 
-class FakeService:
+class FakeRelay:
     async def stream(self, body):
         return JSONResponse({"stream": True})
 
     async def run(self, body):
         return JSONResponse({"prompt": body.prompt})
 
-    async def health(self):
-        return JSONResponse({"status": "ok"})
+
+async def healthy():
+    return JSONResponse({"status": "ok"})
 
 
 @pytest.fixture()
 def app_client() -> TestClient:
-    """The app as built for the ingress, with a stand-in for the SDXL handle (no Serve here)."""
-    config = AppConfig(allowed_hosts=["testserver"])
-    app = build_http_app(config, FakeService(), JobGateway(None, config))
+    """The app as built for the ingress, with a stand-in for the relay (no Serve here)."""
+    config = AppConfig(http={"allowed_hosts": ["testserver"]})
+    app = build_http_app(config, route_table(config.app_id), FakeRelay(), QueueApi(None, config), healthy)
     with TestClient(app) as client:
         yield client
 

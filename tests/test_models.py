@@ -31,23 +31,26 @@ def test_random_sdxl_has_sdxl_base_architecture() -> None:
 
 def test_scheduler_replacement(tmp_path: Path) -> None:
     config = AppConfig(
-        model="tiny",
-        device="cpu",
-        cache_dir=str(tmp_path),
-        scheduler="EulerAncestralDiscreteScheduler",
-        scheduler_config={"timestep_spacing": "trailing"},
+        model={
+            "source": "tiny",
+            "device": "cpu",
+            "cache_dir": str(tmp_path),
+            "scheduler": "EulerAncestralDiscreteScheduler",
+            "scheduler_config": {"timestep_spacing": "trailing"},
+        }
     )
-    models = load_models(config)
+    models = load_models(config.model, config.previews)
     assert type(models.pipeline.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     assert models.pipeline.scheduler.config.timestep_spacing == "trailing"
 
 
 def test_unknown_scheduler_fails_at_load(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
-        load_models(AppConfig(model="tiny", device="cpu", cache_dir=str(tmp_path), scheduler="NoSuchScheduler"))
+        config = AppConfig(model={"source": "tiny", "device": "cpu", "cache_dir": str(tmp_path), "scheduler": "Nope"})
+        load_models(config.model, config.previews)
 
 
 def test_random_sdxl_refuses_weight_choices_it_would_ignore() -> None:
     with pytest.raises(ValueError, match="vae cannot apply"):
-        AppConfig(model="sdxl-random", vae="madebyollin/sdxl-vae-fp16-fix")
-    assert AppConfig(model="sdxl-random").vae is None
+        AppConfig(model={"source": "sdxl-random", "vae": "madebyollin/sdxl-vae-fp16-fix"})
+    assert AppConfig(model={"source": "sdxl-random"}).model.vae is None

@@ -11,7 +11,7 @@ from PIL import Image
 
 from deployments.preview_worker import CpuPreviewWorker, PreviewRequest, PreviewSettings, start_preview_worker
 from deployments.previews import PreviewSchedule, encode_image, latents_to_pixels, pixels_to_image
-from serve_app.schemas import PreviewEvent
+from serve_app.contract.events import PreviewEvent
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from serve_app.schemas import IMAGE_SIZE_PRESETS, MAX_SEED, GenerationRequest, GenerationResult
+from serve_app.contract.events import GenerationResult
+from serve_app.contract.requests import IMAGE_SIZE_PRESETS, MAX_SEED, GenerationRequest
 
 
 def test_defaults_match_fal_reference() -> None:

@@ -38,6 +38,17 @@ def load_config(name: str) -> dict:
     return yaml.safe_load((REPO / name).read_text())
 
 
+def merged_args(base: dict, override: dict) -> dict:
+    """`override` over `base`, section by section (`{"model": {"source": ...}}` keeps the other model keys)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 class ServeHarness:
     """Keeps the declarative config of every app deployed so far; adding one redeploys the set."""
 
@@ -60,9 +71,10 @@ class ServeHarness:
         """Deploy the first app of `config_file` as `name` at `route_prefix`; return its base URL."""
         app = copy.deepcopy(load_config(config_file)["applications"][0])
         app.update(name=name, route_prefix=route_prefix)
-        app["args"] = {**app.get("args", {}), **(args or {})}
-        if app["args"].get("status_port") and "status_port" not in (args or {}):
-            app["args"]["status_port"] = free_port()  # the config's port would be every test app's
+        app["args"] = merged_args(app.get("args", {}), args or {})
+        status_server = app["args"].get("status_server", {})
+        if status_server.get("port") and "port" not in (args or {}).get("status_server", {}):
+            status_server["port"] = free_port()  # the config's port would be every test app's
         for deployment in app.get("deployments", []):
             deployment.update((deployments or {}).get(deployment["name"], {}))
         self._apps[name] = app

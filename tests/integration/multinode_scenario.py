@@ -34,9 +34,9 @@ def production_like_config() -> dict:
     """serve_config.yaml with the tiny model, two replicas, device auto (CPU here), jobs in memory."""
     config = copy.deepcopy(yaml.safe_load((REPO / "serve_config.yaml").read_text()))
     app = config["applications"][0]
-    app["args"].update(
-        model="tiny", preview_decoder="tiny", vae=None, device="auto", dtype="auto", warmup_sizes=[], job_store="memory"
-    )
+    app["args"]["model"] = {"source": "tiny", "vae": None, "device": "auto", "dtype": "auto", "warmup_sizes": []}
+    app["args"]["previews"]["decoder"] = "tiny"
+    app["args"]["queue"] = {"store": "memory"}
     for deployment in app["deployments"]:
         if deployment["name"] in ("SDXLIngress", "JobQueue"):
             # On the head, like the proxy, so losing a worker only loses model replicas.

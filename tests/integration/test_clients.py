@@ -40,7 +40,7 @@ def tls_service(tmp_path_factory: pytest.TempPathFactory):
     config["http_options"].update(port=port, ssl_certfile=str(cert), ssl_keyfile=str(key))
     # A second app whose generations run past a 1 s deadline: a stream that fails after it started.
     failing = copy.deepcopy({**config["applications"][0], "name": "deadline", "route_prefix": "/local/deadline"})
-    failing["args"]["request_timeout_s"] = 1
+    failing["args"]["requests"] = {"timeout_s": 1}
     for deployment in failing["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0}  # `serve run` counts this machine's 2 cores
     config["applications"].append(failing)
@@ -270,7 +270,7 @@ def run_js(script: Path, base_url: str, mode: str, body: dict = SMALL) -> dict:
 
 @pytest.fixture(scope="module")
 def deadline_url(serve_harness: ServeHarness):
-    yield serve_harness.deploy("deadline-js", "/deadline-js", args={"request_timeout_s": 1})
+    yield serve_harness.deploy("deadline-js", "/deadline-js", args={"requests": {"timeout_s": 1}})
     serve_harness.remove("deadline-js")
 
 
@@ -367,7 +367,7 @@ def test_request_id_is_returned_and_logged_by_both_deployments(local_url: str, c
 
 @pytest.fixture(scope="module")
 def cors_url(serve_harness: ServeHarness):
-    yield serve_harness.deploy("cors", "/cors", args={"cors_allow_origins": ["http://app.example"]})
+    yield serve_harness.deploy("cors", "/cors", args={"http": {"cors_allow_origins": ["http://app.example"]}})
     serve_harness.remove("cors")
 
 

@@ -43,7 +43,7 @@ def broken_previews_url(serve_harness: ServeHarness, models_dir: Path):
         num_decoder_blocks=(1, 1, 1, 1),
     ).save_pretrained(models_dir / "mismatched-decoder")
     yield serve_harness.deploy(
-        "broken-previews", "/broken-previews", args={"preview_decoder": str(models_dir / "mismatched-decoder")}
+        "broken-previews", "/broken-previews", args={"previews": {"decoder": str(models_dir / "mismatched-decoder")}}
     )
     serve_harness.remove("broken-previews")
 
@@ -57,7 +57,8 @@ def nan_model_url(serve_harness: ServeHarness, models_dir: Path):
     weights = load_file(weights_file)
     weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], float("nan"))
     save_file(weights, weights_file, metadata={"format": "pt"})
-    yield serve_harness.deploy("nan-model", "/nan-model", args={"model": str(poisoned), "preview_decoder": "tiny"})
+    args = {"model": {"source": str(poisoned)}, "previews": {"decoder": "tiny"}}
+    yield serve_harness.deploy("nan-model", "/nan-model", args=args)
     serve_harness.remove("nan-model")
 
 
@@ -67,7 +68,7 @@ def strict_url(serve_harness: ServeHarness):
     yield serve_harness.deploy(
         "strict",
         "/strict",
-        args={"keepalive_s": 0.5, "first_event_wait_s": 0.3},
+        args={"http": {"keepalive_s": 0.5, "first_event_wait_s": 0.3}},
         deployments={"SDXLDeployment": {"max_queued_requests": 2}},
     )
     serve_harness.remove("strict")
@@ -75,7 +76,7 @@ def strict_url(serve_harness: ServeHarness):
 
 @pytest.fixture(scope="module")
 def deadline_url(serve_harness: ServeHarness):
-    yield serve_harness.deploy("deadline", "/deadline", args={"request_timeout_s": 3.0})
+    yield serve_harness.deploy("deadline", "/deadline", args={"requests": {"timeout_s": 3.0}})
     serve_harness.remove("deadline")
 
 
@@ -200,9 +201,8 @@ def test_redeploy_lets_in_flight_streams_finish(serve_harness: ServeHarness, cli
     url = serve_harness.deploy("rolling", "/rolling")
     try:
         old_pid = sdxl_stats("rolling")["pid"]
-        redeploy = threading.Thread(
-            target=serve_harness.deploy, args=("rolling", "/rolling"), kwargs={"args": {"final_jpeg_quality": 90}}
-        )
+        changed = {"args": {"requests": {"final_jpeg_quality": 90}}}
+        redeploy = threading.Thread(target=serve_harness.deploy, args=("rolling", "/rolling"), kwargs=changed)
         events = []
         body = {**LONG, "num_inference_steps": 30}
         for event in stream_events(client, f"{url}/stream", body):
@@ -222,7 +222,7 @@ def test_redeploy_lets_in_flight_streams_finish(serve_harness: ServeHarness, cli
 @pytest.fixture(scope="module")
 def secured_url(serve_harness: ServeHarness):
     # The session's workers have TEST_API_KEYS_ENV set (conftest.py); only this app reads it.
-    yield serve_harness.deploy("secured", "/secured", args={"api_keys_env": TEST_API_KEYS_ENV})
+    yield serve_harness.deploy("secured", "/secured", args={"http": {"api_keys_env": TEST_API_KEYS_ENV}})
     serve_harness.remove("secured")
 
 
@@ -267,7 +267,10 @@ def test_without_a_model_replica_health_is_503_and_requests_end_not_hang(
     url = serve_harness.deploy(
         "no-gpu",
         "/no-gpu",
-        args={"queue_timeout_s": 2, "request_timeout_s": 1, "first_event_wait_s": 0.3, "keepalive_s": 0.5},
+        args={
+            "requests": {"queue_timeout_s": 2, "timeout_s": 1},
+            "http": {"first_event_wait_s": 0.3, "keepalive_s": 0.5},
+        },
         deployments={"SDXLDeployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}},
         wait=False,
     )

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from deployments.tiny import TINY_CHECKER_FLAGS
-from serve_app.schemas import IMAGE_SIZE_PRESETS
+from serve_app.contract.requests import IMAGE_SIZE_PRESETS
 from tests.integration.harness import REPO, ServeHarness, decode_image, stream_events
 
 APP_ID = "fal-ai/fast-sdxl"
@@ -55,7 +55,11 @@ def fast_url(serve_harness: ServeHarness) -> Iterator[str]:
     url = serve_harness.deploy(
         "fast-sdxl",
         "/fast",
-        args={"app_id": APP_ID, "request_profile": "fast-sdxl", "safety_checker": "tiny", "max_num_images": 4},
+        args={
+            "app_id": APP_ID,
+            "model": {"safety_checker": "tiny"},
+            "requests": {"profile": "fast-sdxl", "max_num_images": 4},
+        },
     )
     yield url
     serve_harness.remove("fast-sdxl")

@@ -34,7 +34,7 @@ from tests.integration.harness import REPO, free_port
 TINY = {"prompt": "a fox", "num_inference_steps": 2, "width": 128, "height": 128, "seed": 1}
 LONG = {"prompt": "a fox", "num_inference_steps": 50, "width": 768, "height": 768, "seed": 2}  # ~20 s here
 BODY_TIMEOUT_S = 10  # serve_app.edge.BODY_TIMEOUT_S, and nginx's client_header_timeout / client_body_timeout
-PROXY_CALLBACK = "serve_app.edge:proxy_middlewares"
+PROXY_CALLBACK = "serve_app.http.edge:proxy_middlewares"
 
 
 @dataclass
@@ -201,10 +201,14 @@ def edge(tmp_path_factory: pytest.TempPathFactory, edge_status_port: int) -> Ite
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
-    config["applications"][0]["args"]["status_port"] = edge_status_port
+    config["applications"][0]["args"]["status_server"] = {"port": edge_status_port}
     limited = json.loads(json.dumps(config["applications"][0]))
     limited.update(name="limited", route_prefix="/limited")
-    limited["args"] = {**limited["args"], "max_generations_per_client": 1, "status_port": free_port()}
+    limited["args"] = {
+        **limited["args"],
+        "http": {"max_generations_per_client": 1},
+        "status_server": {"port": free_port()},
+    }
     for deployment in limited["deployments"]:
         deployment.setdefault("ray_actor_options", {})["num_cpus"] = 0  # fits beside the first on 2 cores
     config["applications"].append(limited)

@@ -63,10 +63,8 @@ def jobs_url(serve_harness: ServeHarness) -> Iterator[str]:
         APP,
         f"/{APP}",
         args={
-            "api_keys_env": TEST_API_KEYS_ENV,
-            "cors_allow_origins": ["https://app.example"],
-            "max_queued_jobs": MAX_QUEUED,
-            "webhook_allowed_hosts": ["127.0.0.1"],
+            "http": {"api_keys_env": TEST_API_KEYS_ENV, "cors_allow_origins": ["https://app.example"]},
+            "queue": {"max_queued": MAX_QUEUED, "webhook_allowed_hosts": ["127.0.0.1"]},
         },
     )
     yield url

@@ -36,7 +36,8 @@ def poll(client: httpx.Client, url: str) -> dict | None:
 
 
 def test_jobs_survive_a_killed_job_queue_and_a_redeploy(serve_harness: ServeHarness) -> None:
-    args = {"job_store": "redis", "redis_url_env": TEST_REDIS_URL_ENV, "job_lease_s": 3, "job_max_attempts": 3}
+    queue = {"store": "redis", "redis_url_env": TEST_REDIS_URL_ENV, "lease_s": 3, "max_attempts": 3}
+    args = {"queue": queue}
     url = serve_harness.deploy(APP, f"/{APP}", args=args)
     try:
         with httpx.Client(timeout=60) as client:
@@ -48,7 +49,7 @@ def test_jobs_survive_a_killed_job_queue_and_a_redeploy(serve_harness: ServeHarn
                 time.sleep(0.1)
 
             kill_job_queue_replica()  # the first job is running, the rest are queued
-            serve_harness.deploy(APP, f"/{APP}", args={**args, "final_jpeg_quality": 90})  # a new version
+            serve_harness.deploy(APP, f"/{APP}", args={**args, "requests": {"final_jpeg_quality": 90}})  # a new version
 
             final: dict[str, dict] = {}
             deadline = time.monotonic() + 300
@@ -70,6 +71,6 @@ def test_jobs_survive_a_killed_job_queue_and_a_redeploy(serve_harness: ServeHarn
             # The job that was running when its dispatcher died ran again from the start (once more for the
             # kill, and once more again if the redeploy replaced the restarted replica mid-run too).
             starts = [log["message"] for log in final[jobs[0]["request_id"]]["logs"]].count("Started")
-            assert 2 <= starts <= args["job_max_attempts"]
+            assert 2 <= starts <= queue["max_attempts"]
     finally:
         serve_harness.remove(APP)

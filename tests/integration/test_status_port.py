@@ -27,7 +27,7 @@ def service(serve_harness: ServeHarness) -> Iterator[tuple[str, str]]:
     url = serve_harness.deploy(
         APP,
         f"/{APP}",
-        args={"api_keys_env": TEST_API_KEYS_ENV, "status_port": port},
+        args={"http": {"api_keys_env": TEST_API_KEYS_ENV}, "status_server": {"port": port}},
         deployments={"SDXLIngress": {"num_replicas": 2}},
     )
     yield url, f"http://127.0.0.1:{port}"

@@ -116,12 +116,9 @@ def turbo_url(serve_harness):
         "/turbo",
         config_file="configs/sdxl-turbo.yaml",
         args={
-            "model": "tiny",
-            "preview_decoder": "tiny",
-            "vae": None,  # the config's fp16-fix VAE is a hub download
-            "device": "cpu",
-            "dtype": "auto",
-            "warmup_sizes": ["128x128"],
+            # the config's fp16-fix VAE is a hub download
+            "model": {"source": "tiny", "vae": None, "device": "cpu", "dtype": "auto", "warmup_sizes": ["128x128"]},
+            "previews": {"decoder": "tiny"},
         },
         deployments={
             "SDXLIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},

@@ -1,7 +1,7 @@
 """The ingress's pure-ASGI middlewares (no `BaseHTTPMiddleware`: nothing buffers or re-wraps a stream).
 
-Each takes its settings at construction; `serve_app.http_app.build_http_app` wires them from the
-config in one place. Rejections are catalog errors rendered by `ServiceError.response`.
+Each takes its settings at construction; `serve_app.http.app.build_http_app` wires them from the
+config and the route table in one place. Rejections are catalog errors rendered by `error_response`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 from ray.serve import context as serve_context
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.edge import is_valid_request_id
-from serve_app.errors import TooManyRequests, Unauthorized
+from serve_app.contract.errors import TooManyRequests, Unauthorized
+from serve_app.http.edge import is_valid_request_id
+from serve_app.http.errors import error_response
+from serve_app.http.routes import RouteTable
 
 VIA_STATUS_PORT = "sdxl.via_status_port"  # scope key: the request came to the status port, not through Serve
+CLIENT_SCOPE_KEY = "sdxl.client"  # scope key: who `ClientConcurrencyLimit` counted the request against
 
 
 class FalRequestId:
@@ -85,25 +88,22 @@ def presented_key(authorization: str | None) -> bytes | None:
 
 
 class RequireApiKey:
-    """When keys are configured, every POST (a generation), PUT (a cancel) and queue call needs
-    `Authorization: Key <key>`.
+    """When keys are configured, the endpoints the route table marks need `Authorization: Key <key>`:
+    generations, every queue call. Checked before FastAPI reads the body, so an unauthenticated caller
+    gets 401 whatever it sent. Health, docs, the playground and result images (by their unguessable
+    URLs) stay open."""
 
-    Checked before FastAPI reads the body, so an unauthenticated caller gets 401 whatever it sent.
-    Other GETs (health, docs, the playground, result images by their unguessable URLs) stay open.
-    """
-
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, routes: RouteTable) -> None:
         self.app = app
         self.keys = keys
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = (
-            scope["type"] == "http"
-            and self.keys.enabled
-            and (scope["method"] in ("POST", "PUT") or _route_path(scope).startswith("/queue/"))
+            scope["type"] == "http" and self.keys.enabled and self.routes.needs_key(scope["method"], _route_path(scope))
         )
         if guarded and not self.keys.accepts(Headers(scope=scope).get("authorization")):
-            return await Unauthorized().response()(scope, receive, send)
+            return await error_response(Unauthorized())(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -170,38 +170,17 @@ class SecurityHeaders:
         await self.app(scope, receive, secure_send)
 
 
-class ClientConcurrencyLimit:
-    """At most `limit` generations in flight per client on this ingress replica: a stream or a run while
-    it lasts, a queue job from its submit until it completes (`job_in_flight`, from the replica's job
-    mirror). Over it: 429 `too_many_requests` with `Retry-After`, before the body is read.
-
-    The client is its API key when keys are configured (`RequireApiKey` has checked it), else its
-    address: the connection's, or `address_header` when a trusted front proxy sets it.
-    """
+class ClientLedger:
+    """Generations in flight per client on this ingress replica: requests being answered (streams, runs,
+    submits) and queue jobs from their submit until they complete (`job_in_flight`, from the replica's
+    job mirror). `ClientConcurrencyLimit` counts requests; the queue API adds the jobs it admits."""
 
     SWEEP_EVERY = 256  # recorded jobs between sweeps of every client's finished jobs
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        limit: int,
-        generation_paths: Collection[str],
-        queue_path: str,
-        keys: ApiKeys,
-        job_in_flight: Callable[[str], bool],
-        address_header: str | None = None,
-        retry_after_s: float = 5.0,
-    ) -> None:
-        self.app = app
-        self.limit = limit
-        self.generation_paths = frozenset(generation_paths)
-        self.queue_path = queue_path
-        self.keys = keys
+    def __init__(self, job_in_flight: Callable[[str], bool]) -> None:
         self.job_in_flight = job_in_flight
-        self.address_header = address_header
-        self.retry_after_s = retry_after_s
-        self._requests: Counter[str] = Counter()  # streams, runs and submits being answered
-        self._jobs: dict[str, set[str]] = {}  # queue jobs submitted, until they complete
+        self._requests: Counter[str] = Counter()
+        self._jobs: dict[str, set[str]] = {}
         self._recorded = 0
 
     def in_flight(self, client: str) -> int:
@@ -211,6 +190,50 @@ class ClientConcurrencyLimit:
             if not jobs:
                 del self._jobs[client]
         return self._requests[client] + len(self._jobs.get(client, ()))
+
+    def request_started(self, client: str) -> None:
+        self._requests[client] += 1
+
+    def request_ended(self, client: str) -> None:
+        self._requests[client] -= 1
+        if self._requests[client] <= 0:
+            del self._requests[client]
+
+    def add_job(self, client: str, request_id: str) -> None:
+        self._jobs.setdefault(client, set()).add(request_id)
+        self._recorded += 1
+        if self._recorded % self.SWEEP_EVERY == 0:
+            for known in list(self._jobs):
+                self.in_flight(known)
+
+
+class ClientConcurrencyLimit:
+    """At most `limit` generations in flight per client on this ingress replica (`ClientLedger`): the
+    endpoints the route table marks as generations, while they run, and the queue jobs they submitted
+    until those complete. Over it: 429 `too_many_requests` with `Retry-After`, before the body is read.
+
+    The client is its API key when keys are configured (`RequireApiKey` has checked it), else its
+    address: the connection's, or `address_header` when a trusted front proxy sets it. It is left in
+    the scope (`CLIENT_SCOPE_KEY`) for the queue API to record a submitted job against.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        routes: RouteTable,
+        ledger: ClientLedger,
+        keys: ApiKeys,
+        address_header: str | None = None,
+        retry_after_s: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.routes = routes
+        self.ledger = ledger
+        self.keys = keys
+        self.address_header = address_header
+        self.retry_after_s = retry_after_s
 
     def client(self, scope: Scope) -> str:
         headers = Headers(scope=scope)
@@ -223,36 +246,17 @@ class ClientConcurrencyLimit:
         return "address:" + (scope["client"][0] if scope.get("client") else "unknown")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _route_path(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if path != self.queue_path and path not in self.generation_paths:
+        if scope["type"] != "http" or not self.routes.counts_as_generation(scope["method"], _route_path(scope)):
             return await self.app(scope, receive, send)
         client = self.client(scope)
-        if self.in_flight(client) >= self.limit:
+        if self.ledger.in_flight(client) >= self.limit:
             error = TooManyRequests(
                 f"this client already has {self.limit} generations in flight", retry_after_s=self.retry_after_s
             )
-            return await error.response()(scope, receive, send)
-        self._requests[client] += 1
-        submitted: str | None = None
-
-        async def recording_send(message: Message) -> None:
-            nonlocal submitted
-            if path == self.queue_path and message["type"] == "http.response.start" and message["status"] == 200:
-                submitted = MutableHeaders(scope=message).get("x-fal-request-id")
-            await send(message)
-
+            return await error_response(error)(scope, receive, send)
+        scope[CLIENT_SCOPE_KEY] = client
+        self.ledger.request_started(client)
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, receive, send)
         finally:
-            self._requests[client] -= 1
-            if self._requests[client] <= 0:
-                del self._requests[client]
-            if submitted:
-                self._record(client, submitted)
-
-    def _record(self, client: str, job: str) -> None:
-        self._jobs.setdefault(client, set()).add(job)
-        self._recorded += 1
-        if self._recorded % self.SWEEP_EVERY == 0:
-            for known in list(self._jobs):
-                self.in_flight(known)
+            self.ledger.request_ended(client)

@@ -1,29 +1,53 @@
 """Every failure a client can see, in one catalog: each class carries its `error_type` and HTTP status.
 
-Raise these inside the service; `classify` turns any other exception into one of them, and the edges
-render the one body shape `{"detail", "error_type"}` as a JSON response (`ServiceError.response`) or
-as an SSE `error` event (`serve_app.sse.error_event`). Adding an error type touches this module only.
+Raise these inside the service. A class that names an `error_type` registers itself (`CATALOG`), so
+adding an error type is one class here. The one wire shape is `ErrorBody` (`{"detail", "error_type"}`):
+the HTTP layer renders it as a JSON response or an SSE `error` event, the job store keeps it, and
+`from_body` turns it back into its class in another process. Exceptions from Ray and torch are
+classified where they are caught (`serve_app.generation.ray_errors`, `deployments.failures`).
+
+The `detail` a client reads is the catalog's message or one the service wrote for the client, never
+an exception's text: that goes to the logs, with the request id.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
-from starlette.responses import JSONResponse
+from pydantic import BaseModel
 
-from serve_app.schemas import ErrorBody
+
+class ErrorBody(BaseModel):
+    """The one error shape: HTTP error bodies, SSE `error` events, a failed job's error."""
+
+    detail: str | list
+    error_type: str
+
+
+CATALOG: dict[str, type[ServiceError]] = {}
 
 
 class ServiceError(Exception):
-    """A failure with a client-facing type and status; `detail` is what the client reads."""
+    """A failure with a client-facing type and status; `detail` is what the client reads.
 
-    error_type: ClassVar[str] = "internal_error"
+    Subclasses that set `error_type` in their body join the catalog; those that do not (a more
+    specific raise site, e.g. `QueueFull`) share their parent's type.
+    """
+
+    error_type: ClassVar[str]
     status_code: ClassVar[int] = 500
     default_detail: ClassVar[str] = "internal error"
     fatal: ClassVar[bool] = False  # the replica that raised it can serve nothing more
+    retryable: ClassVar[bool] = False  # the same request may succeed elsewhere (another replica)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        error_type = cls.__dict__.get("error_type")
+        if error_type is None:
+            return
+        if error_type in CATALOG:
+            raise TypeError(f"error_type {error_type!r} is already {CATALOG[error_type].__name__}'s")
+        CATALOG[error_type] = cls
 
     def __init__(self, detail: str | list | None = None) -> None:
         self.detail = detail if detail is not None else self.default_detail
@@ -35,13 +59,11 @@ class ServiceError(Exception):
         return (_rebuild, (type(self), self.__dict__))
 
     def headers(self) -> dict[str, str]:
+        """HTTP headers that belong with this error (e.g. `Retry-After`)."""
         return {}
 
     def body(self) -> ErrorBody:
         return ErrorBody(detail=self.detail, error_type=self.error_type)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status_code, headers=self.headers() or None)
 
 
 def _rebuild(cls: type[ServiceError], state: dict) -> ServiceError:
@@ -51,8 +73,17 @@ def _rebuild(cls: type[ServiceError], state: dict) -> ServiceError:
     return error
 
 
+class _RetryAfter:
+    """Mixin for rejections that tell the client when to come back."""
+
+    retry_after_s: float | None
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s or 1)))}
+
+
 class InternalError(ServiceError):
-    pass
+    error_type = "internal_error"
 
 
 class ValidationFailed(ServiceError):
@@ -99,7 +130,7 @@ class HttpError(ServiceError):
         self.status_code = status_code  # type: ignore[misc]  # per instance: it is whatever Starlette chose
 
 
-class Overloaded(ServiceError):
+class Overloaded(_RetryAfter, ServiceError):
     error_type = "overloaded"
     status_code = 503
     default_detail = "all replicas are busy and the queue is full; retry later"
@@ -107,9 +138,6 @@ class Overloaded(ServiceError):
     def __init__(self, detail: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s or 1)))}
 
 
 class NotReady(ServiceError):
@@ -151,6 +179,7 @@ class ReplicaFailed(ServiceError):
     error_type = "replica_failed"
     status_code = 502
     default_detail = "the model replica serving this request failed"
+    retryable = True
 
 
 class GenerationFailed(ServiceError):
@@ -207,7 +236,7 @@ class HostNotAllowed(ServiceError):
     default_detail = "this service does not answer for that Host"
 
 
-class TooManyRequests(ServiceError):
+class TooManyRequests(_RetryAfter, ServiceError):
     """The client already has `max_generations_per_client` generations in flight."""
 
     error_type = "too_many_requests"
@@ -218,73 +247,19 @@ class TooManyRequests(ServiceError):
         super().__init__(detail)
         self.retry_after_s = retry_after_s
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s or 1)))}
-
 
 class GenerationCancelled(Exception):
     """The client went away; raised inside the pipeline to stop denoising at the next step. Not an error."""
 
 
-CATALOG: dict[str, type[ServiceError]] = {
-    cls.error_type: cls
-    for cls in (
-        InternalError,
-        ValidationFailed,
-        Unauthorized,
-        RequestTooLarge,
-        NotFound,
-        MethodNotAllowed,
-        HttpError,
-        Overloaded,
-        NotReady,
-        QueueTimeout,
-        DeadlineExceeded,
-        OutOfMemory,
-        DeviceError,
-        ReplicaFailed,
-        GenerationFailed,
-        Cancelled,
-        NotCompleted,
-        AlreadyCompleted,
-        WebhookNotAllowed,
-        RequestTimeout,
-        HeadersTooLarge,
-        HostNotAllowed,
-        TooManyRequests,
-    )
-}
-
-
 def from_body(body: ErrorBody) -> ServiceError:
-    """The catalog error an error body or event names (from another process), `internal_error` if unknown."""
+    """The catalog error an error body names (from another process), `internal_error` if unknown."""
     return CATALOG.get(body.error_type, InternalError)(body.detail)
 
 
-def classify(error: BaseException, fallback: type[ServiceError] = InternalError) -> ServiceError:
-    """Any exception as a catalog error: ours as they are, Ray's and torch's by what they mean, the rest
-    as `fallback` (the pipeline passes `GenerationFailed`).
-
-    torch is consulted only where it is already loaded (the model replicas; never the ingress).
-    Out-of-memory is checked first: cuBLAS and some kernels report it as a generic CUDA error.
-    """
-    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause  # raised in another replica: classify what was raised there
+def as_service_error(error: BaseException, fallback: type[ServiceError] = InternalError) -> ServiceError:
+    """A catalog error as it is; anything else as `fallback` with the catalog's message (the exception's
+    own text may name hosts, paths or internals: the caller logs it, the client never reads it)."""
     if isinstance(error, ServiceError):
         return error
-    if isinstance(error, BackPressureError):
-        return Overloaded(retry_after_s=error.retry_after_s)
-    if isinstance(error, RayActorError):
-        return ReplicaFailed()
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        message = str(error)
-        if isinstance(error, torch.OutOfMemoryError) or any(sign in message for sign in OUT_OF_MEMORY_SIGNS):
-            return OutOfMemory()
-        accelerator_error = getattr(torch, "AcceleratorError", ())
-        if isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in message):
-            return DeviceError(f"device error: {error}")
-    return fallback(f"{type(error).__name__}: {error}")
-
-
-OUT_OF_MEMORY_SIGNS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory", "CUDA out of memory")
+    return fallback()

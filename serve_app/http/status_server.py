@@ -15,33 +15,33 @@ import asyncio
 import contextlib
 import errno
 import logging
-import re
 import socket
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve_app.errors import NotFound
-from serve_app.middleware import VIA_STATUS_PORT
+from serve_app.contract.errors import NotFound
+from serve_app.http.errors import error_response
+from serve_app.http.middleware import VIA_STATUS_PORT
+from serve_app.http.routes import RouteTable
 
 logger = logging.getLogger("ray.serve")
 
-SMALL_ROUTE = re.compile(r"/health|/queue/.+/requests/[^/]+/status")
 BIND_RETRY_S = 5.0
-SMALL_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # OPTIONS: a browser's CORS preflight for a poll
 
 
 class OnlySmallRequests:
-    """Health and status polls pass (marked as not from Serve); any other request is a 404 here (it
-    belongs on Serve's port)."""
+    """The endpoints the route table puts on the status port pass (marked as not from Serve); any other
+    request is a 404 here (it belongs on Serve's port)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: RouteTable) -> None:
         self.app = app
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not (scope["method"] in SMALL_METHODS and SMALL_ROUTE.fullmatch(scope["path"])):
+        if scope["type"] == "http" and not self.routes.on_status_port(scope["method"], scope["path"]):
             error = NotFound("this port answers only GET /health and queue status polls")
-            return await error.response()(scope, receive, send)
+            return await error_response(error)(scope, receive, send)
         scope[VIA_STATUS_PORT] = True
         await self.app(scope, receive, send)
 
@@ -52,10 +52,10 @@ class StatusServer:
     over when it goes. No SO_REUSEPORT: a second app given the same port by mistake must not silently
     share it."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, routes: RouteTable, host: str, port: int) -> None:
         self.address = (host, port)
         config = uvicorn.Config(
-            OnlySmallRequests(app),
+            OnlySmallRequests(app, routes),
             lifespan="off",
             access_log=False,
             log_config=None,

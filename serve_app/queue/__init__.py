@@ -1,4 +1,4 @@
-"""Job records and the stores behind fal's queue API (submit, status, result, cancel).
+"""fal's queue: job records, the stores behind them, and the job-queue deployment that dispatches them.
 
 `open_job_store` picks the store once at start-up: in memory by default, Redis when a URL is
 given (jobs then survive the job-queue replica). The Redis client is imported only then.
@@ -6,15 +6,13 @@ given (jobs then survive the job-queue replica). The Redis client is imported on
 
 from __future__ import annotations
 
-from serve_app.jobs.memory_store import MemoryJobStore
-from serve_app.jobs.records import CancelOutcome, JobError, JobRecord, JobState
-from serve_app.jobs.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
+from serve_app.queue.memory_store import MemoryJobStore
+from serve_app.queue.records import CancelOutcome, JobRecord
+from serve_app.queue.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
 
 __all__ = [
     "CancelOutcome",
-    "JobError",
     "JobRecord",
-    "JobState",
     "JobStore",
     "MemoryJobStore",
     "QueueFull",
@@ -32,7 +30,7 @@ def open_job_store(
     """A Redis store keyed under `sdxl:{app_id}:` when `redis_url` is set, else an in-memory one."""
     if redis_url is None:
         return MemoryJobStore(result_ttl_s=result_ttl_s, retry_after_s=retry_after_s)
-    from serve_app.jobs.redis_store import RedisJobStore, key_prefix
+    from serve_app.queue.redis_store import RedisJobStore, key_prefix
 
     return RedisJobStore.from_url(
         redis_url, prefix=key_prefix(app_id), result_ttl_s=result_ttl_s, retry_after_s=retry_after_s

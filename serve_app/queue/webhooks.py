@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from serve_app.errors import WebhookNotAllowed
-from serve_app.jobs.records import JobRecord
+from serve_app.contract.errors import WebhookNotAllowed
+from serve_app.contract.queue import WebhookPayload
+from serve_app.queue.records import JobRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -32,24 +33,26 @@ def check_webhook_url(url: str, allowed_hosts: list[str]) -> str:
     return url
 
 
-def webhook_payload(record: JobRecord) -> dict:
-    """fal's webhook body: OK with the result as `payload`, or ERROR with the error's detail."""
-    ok = record.error is None
-    return {
-        "request_id": record.request_id,
-        "gateway_request_id": record.request_id,
-        "status": "OK" if ok else "ERROR",
-        "payload": record.result if ok else {"detail": record.error.detail, "error_type": record.error.error_type},
-        "error": None if ok else record.error.detail,
-    }
+def webhook_payload(record: JobRecord) -> WebhookPayload:
+    """fal's webhook body: OK with the result as `payload`, or ERROR with the error's body."""
+    error = record.error
+    return WebhookPayload(
+        request_id=record.request_id,
+        gateway_request_id=record.request_id,
+        status="OK" if error is None else "ERROR",
+        payload=record.result if error is None else error.model_dump(),
+        error=None if error is None else str(error.detail),
+    )
 
 
-async def deliver(url: str, payload: dict, timeout_s: float, attempts: int) -> bool:
+async def deliver(url: str, payload: WebhookPayload, timeout_s: float, attempts: int) -> bool:
     """POST `payload`, retrying transport errors and 5xx with backoff; True once a 2xx came back."""
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
         for attempt in range(attempts):
             try:
-                response = await client.post(url, json=payload)
+                response = await client.post(
+                    url, content=payload.model_dump_json(), headers={"content-type": "application/json"}
+                )
                 if response.is_success:
                     return True
                 if response.status_code < 500:

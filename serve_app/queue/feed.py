@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel
 
-from serve_app.jobs.records import JobError, JobRecord, JobState
+from serve_app.contract.errors import ErrorBody
+from serve_app.contract.queue import JobState, LogEntry
+from serve_app.queue.records import JobRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -29,9 +31,9 @@ class JobSnapshot(BaseModel):
 
     request_id: str
     state: JobState
-    logs: list[dict] = []
+    logs: list[LogEntry] = []
     inference_time: float | None = None
-    error: JobError | None = None
+    error: ErrorBody | None = None
     finished_at: float | None = None  # time.monotonic() of the process that holds the snapshot
 
     @classmethod

@@ -5,7 +5,7 @@ stops within one step. We raise there rather than set diffusers' `interrupt`, be
 `interrupt` skips the remaining steps but still runs the full VAE decode.
 
 The run's `RunOutcome`, not an event a departed client may never read, is what tells the engine
-whether the device survived.
+whether the device survived, and carries the error the engine raises to its caller.
 
 A request for `num_images` images is one batched pipeline call (`num_images_per_prompt`) with one
 torch Generator per image, seeded `seed + i` for image i: the same seed reproduces the whole batch,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,20 +27,15 @@ from typing import Any, Literal
 
 import torch
 
+from deployments.failures import classify
 from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewRequest, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image
-from serve_app.errors import (
-    DeadlineExceeded,
-    DeviceError,
-    GenerationCancelled,
-    GenerationFailed,
-    ServiceError,
-    classify,
-)
-from serve_app.schemas import ErrorEvent, FinalEvent, GenerationRequest, ProgressEvent, StreamEvent, Timings
+from serve_app.contract.errors import DeadlineExceeded, DeviceError, GenerationCancelled, GenerationFailed, ServiceError
+from serve_app.contract.events import FinalEvent, PreviewEvent, ProgressEvent, StreamEvent, Timings
+from serve_app.contract.requests import ResolvedRequest
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # Serve's logger: its lines carry the request id
 
 END_OF_STREAM = None
 
@@ -72,12 +66,13 @@ class GenerationRun:
         self,
         models: LoadedModels,
         previews: PreviewWorker,
-        request: GenerationRequest,
+        request: ResolvedRequest,
         schedule: PreviewSchedule,
         final_jpeg_quality: int,
         timeout_s: float,
         progress: bool = False,
         on_event: EventSink | None = None,
+        on_first_preview: Callable[[], None] | None = None,
     ) -> None:
         self._models = models
         self._previews = previews
@@ -94,14 +89,14 @@ class GenerationRun:
         self._started = 0.0
         self._steps_completed = 0
         self._denoise_seconds = 0.0
-        self.seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        self._on_first_preview = on_first_preview
 
     def cancel(self) -> None:
         """Ask the run to stop at the next step boundary; safe from any thread."""
         self._cancelled.set()
 
     async def next_event(self) -> StreamEvent | None:
-        """The next event, or `END_OF_STREAM` after the final or error event."""
+        """The next event, or `END_OF_STREAM` after the final event (or once a failed run ended)."""
         return await self._events.get()
 
     def execute(self) -> RunOutcome:
@@ -120,13 +115,12 @@ class GenerationRun:
         except GenerationCancelled:
             logger.info("Generation cancelled by the client after %d steps", self._steps_completed)
             return self._outcome("cancelled")
-        except Exception as error:  # noqa: BLE001 - any failure must reach the client as an error event
+        except Exception as error:  # noqa: BLE001 - any failure must reach the client as its catalog error
             failure = classify(error, fallback=GenerationFailed)
             if failure is error:
                 logger.warning("Generation failed: %s", error)
             else:
-                logger.exception("Generation failed")
-            self._emit(ErrorEvent(detail=failure.detail, error_type=failure.error_type))
+                logger.error("Generation failed (%s)", failure.error_type, exc_info=error)
             return self._outcome("failed", failure)
 
     def _with_fatal_preview_failure(self, outcome: RunOutcome) -> RunOutcome:
@@ -144,7 +138,7 @@ class GenerationRun:
         request, pipeline = self._request, self._models.pipeline
         started = self._started = time.perf_counter()
         self._deadline = started + self._timeout_s
-        generators = batch_generators(self.seed, request.num_images, self._models.device)
+        generators = batch_generators(request.seed, request.num_images, self._models.device)
         with torch.inference_mode():
             with vae_dtype_restored(pipeline.vae):
                 output = pipeline(
@@ -173,7 +167,7 @@ class GenerationRun:
         return FinalEvent(
             image=files[0],
             images=files,
-            seed=self.seed,
+            seed=request.seed,
             timings=Timings(inference=inference_s, total=time.perf_counter() - started),
             prompt=request.prompt,
             has_nsfw_concepts=has_nsfw_concepts,
@@ -203,17 +197,22 @@ class GenerationRun:
                 step=step,
                 num_inference_steps=self._request.num_inference_steps,
                 latents=callback_kwargs["latents"],
-                deliver=self._emit,
+                deliver=self._deliver_preview,
                 fail=self._record_preview_error,
             )
             self._previews.submit(request)
         return {}
 
+    def _deliver_preview(self, event: PreviewEvent) -> None:
+        if self._on_first_preview is not None:
+            self._on_first_preview()
+            self._on_first_preview = None
+        self._emit(event)
+
     def _record_preview_error(self, error: BaseException) -> None:
         """The preview worker's report (its thread, or this one on a CPU); classified once, here, from the
         original exception, so a device error in the preview path is a device error."""
-        failure = classify(error, fallback=GenerationFailed)
-        failure.detail = f"preview decoding failed: {failure.detail}"
+        failure = classify(error, fallback=PreviewFailed)
         if failure is not error:
             failure.__cause__ = error
         self._preview_failure = failure
@@ -226,6 +225,12 @@ class GenerationRun:
         if self._cancelled.is_set() and event is not END_OF_STREAM:
             return
         self._on_event(event)
+
+
+class PreviewFailed(GenerationFailed):
+    """A `generation_failed` whose message says where: the preview decoder."""
+
+    default_detail = "the generation failed: preview decoding failed"
 
 
 def batch_generators(seed: int, num_images: int, device: torch.device) -> list[torch.Generator]:

@@ -13,15 +13,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from serve_app.jobs.records import (
+from serve_app.contract.errors import ErrorBody
+from serve_app.contract.queue import LogEntry
+from serve_app.queue.records import (
     CancelOutcome,
-    JobError,
     JobRecord,
     cancelled_error,
     cancelled_while_orphaned_error,
     replica_failed_error,
 )
-from serve_app.jobs.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
+from serve_app.queue.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
 
 # Re-queued jobs score below any fresh one (scores are submit sequence numbers) and keep their order.
 REQUEUE_OFFSET = 2**50
@@ -98,10 +99,10 @@ class MemoryJobStore(JobStore):
         lease.expires_at = time.monotonic() + lease_s
         return True
 
-    async def append_logs(self, request_id: str, logs: list[dict]) -> None:
+    async def append_logs(self, request_id: str, logs: list[LogEntry]) -> None:
         record = self._records.get(request_id)
         if record is not None and record.state != "COMPLETED":
-            record.logs.extend(dict(log) for log in logs)
+            record.logs.extend(log.model_copy() for log in logs)
 
     async def finish(
         self,
@@ -109,7 +110,7 @@ class MemoryJobStore(JobStore):
         owner: str | None,
         *,
         result: dict | None = None,
-        error: JobError | None = None,
+        error: ErrorBody | None = None,
         inference_time: float | None = None,
     ) -> bool:
         record = self._records.get(request_id)
@@ -173,7 +174,7 @@ class MemoryJobStore(JobStore):
         record: JobRecord,
         *,
         result: dict | None = None,
-        error: JobError | None = None,
+        error: ErrorBody | None = None,
         inference_time: float | None = None,
     ) -> None:
         request_id = record.request_id

@@ -23,15 +23,16 @@ import time
 
 from redis.asyncio import Redis
 
-from serve_app.jobs.records import (
+from serve_app.contract.errors import ErrorBody
+from serve_app.contract.queue import LogEntry
+from serve_app.queue.records import (
     CancelOutcome,
-    JobError,
     JobRecord,
     cancelled_error,
     cancelled_while_orphaned_error,
     replica_failed_error,
 )
-from serve_app.jobs.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
+from serve_app.queue.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
 
 # Shared by the scripts below; ARGV[1] of every script is the key prefix.
 _PRELUDE = """
@@ -187,7 +188,7 @@ class RedisJobStore(JobStore):
         if record.state != "IN_QUEUE":
             raise ValueError(f"request {record.request_id} is not a fresh record")
         fields = [item for pair in _record_fields(record).items() for item in pair]
-        logs = [json.dumps(log) for log in record.logs]
+        logs = [log.model_dump_json() for log in record.logs]
         args = [self._prefix, record.request_id, max_queued, len(fields), *fields, *logs]
         position = await self._submit(args=args)
         if position == -1:
@@ -219,9 +220,9 @@ class RedisJobStore(JobStore):
     async def renew(self, request_id: str, owner: str, lease_s: float) -> bool:
         return bool(await self._renew(args=[self._prefix, request_id, owner, _ms(lease_s)]))
 
-    async def append_logs(self, request_id: str, logs: list[dict]) -> None:
+    async def append_logs(self, request_id: str, logs: list[LogEntry]) -> None:
         if logs:
-            await self._append_logs(args=[self._prefix, request_id, *(json.dumps(log) for log in logs)])
+            await self._append_logs(args=[self._prefix, request_id, *(log.model_dump_json() for log in logs)])
 
     async def finish(
         self,
@@ -229,7 +230,7 @@ class RedisJobStore(JobStore):
         owner: str | None,
         *,
         result: dict | None = None,
-        error: JobError | None = None,
+        error: ErrorBody | None = None,
         inference_time: float | None = None,
     ) -> bool:
         outcome = {"result": result, "error": error, "inference_time": inference_time}
@@ -274,7 +275,7 @@ def _optional_fields(values: dict) -> dict[str, str]:
     """Hash fields for the values that are not None: dicts and models as JSON, floats exactly (repr)."""
     fields = {}
     for name, value in values.items():
-        if isinstance(value, JobError):
+        if isinstance(value, ErrorBody):
             fields[name] = value.model_dump_json()
         elif isinstance(value, dict):
             fields[name] = json.dumps(value)
@@ -321,9 +322,9 @@ def _record_from(raw: dict[bytes, bytes], logs: list[bytes]) -> JobRecord:
         started_at=number("started_at"),
         finished_at=number("finished_at"),
         attempts=int(fields["attempts"]),
-        logs=[json.loads(log) for log in logs],
+        logs=[LogEntry.model_validate_json(log) for log in logs],
         result=json.loads(fields["result"]) if "result" in fields else None,
-        error=JobError.model_validate_json(fields["error"]) if "error" in fields else None,
+        error=ErrorBody.model_validate_json(fields["error"]) if "error" in fields else None,
         inference_time=number("inference_time"),
         webhook_url=fields.get("webhook_url"),
         cancel_requested=fields["cancel_requested"] == "1",

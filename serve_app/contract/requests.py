@@ -1,20 +1,23 @@
-"""The fal wire format in one place: request, image, stream events, result and errors.
-
-The ingress validates requests against these models at the HTTP boundary. Events are built as
-these models by their producers (the SDXL replica) and cross the process boundary to the ingress
-as their plain `model_dump()` dicts, which the ingress relays without validating them again.
+"""What a client asks for (`GenerationRequest`, fal's fields and ours) and what the engine runs
+(`ResolvedRequest`: every default applied, the seed chosen). `RequestPolicy.resolve` is the one
+place a request becomes runnable, so no entry point can forget the service's defaults or limits.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from serve_app.contract.errors import ValidationFailed
+
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) keeps exact
+RANDOM_SEEDS = 2**32  # a seed chosen for the client is below this
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE = 128, 2048
 MAX_NUM_IMAGES = 8  # fal fast-sdxl's limit; a deployment may cap it lower (`max_num_images`)
+DEFAULT_PREVIEW_INTERVAL = 5
 
 # fal fast-sdxl's `image_size` presets: (width, height).
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -26,6 +29,7 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "landscape_16_9": (1024, 576),
 }
 ImageSizePreset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
+OutputFormat = Literal["jpeg", "png"]
 
 # fal fast-sdxl's defaults for the fields a client leaves out: the `fast-sdxl` request profile.
 FAST_SDXL_DEFAULTS: dict[str, Any] = {
@@ -122,10 +126,10 @@ class GenerationRequest(BaseModel):
     preview_interval: JsonInt | None = Field(
         default=None, ge=1, le=50, description="Steps between previews; the service's default when omitted."
     )
-    format: Literal["jpeg", "png"] | None = Field(
+    format: OutputFormat | None = Field(
         default=None, description="fal's name for `output_format`; sending both is a 422 unless they agree."
     )
-    output_format: Literal["jpeg", "png"] = Field(default="jpeg", description="Format of the final images.")
+    output_format: OutputFormat = Field(default="jpeg", description="Format of the final images.")
     sync_mode: bool = Field(
         default=False,
         description="Queue results: images inline as data URIs when true, else URLs served by this service "
@@ -208,6 +212,59 @@ class GenerationRequest(BaseModel):
         return self
 
 
+class ResolvedRequest(BaseModel):
+    """A request as the engine runs it: the service's defaults applied and its limits checked, the seed
+    chosen. Only `RequestPolicy.resolve` makes one from a client's request; the engine takes nothing else.
+    A queued job stores this, so a retried job runs with the same seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    width: int
+    height: int
+    seed: int = Field(description="Image i of a batch is generated from seed + i.")
+    guidance_scale: float
+    num_images: int
+    preview_interval: int = Field(description="Steps between previews when the caller asks for previews.")
+    output_format: OutputFormat
+    sync_mode: bool = False
+    enable_safety_checker: bool = True
+
+
+RUN_FIELDS = frozenset(ResolvedRequest.model_fields) - {"seed", "preview_interval"}
+
+
+class RequestPolicy(BaseModel):
+    """The service's defaults for fields a client leaves out, and its limits: built once from the config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    defaults: dict[str, Any] = Field(default_factory=dict, description="Field values in this service's names.")
+    preview_interval: int = DEFAULT_PREVIEW_INTERVAL
+    max_num_images: int = MAX_NUM_IMAGES
+
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """The request as the engine runs it: what the client sent, else the defaults (a random seed when
+        neither has one); a 422 naming the field for a limit of this deployment's (`max_num_images`)."""
+        sent = request.model_fields_set
+        fields = {name: getattr(request, name) for name in RUN_FIELDS}
+        fields.update({name: value for name, value in self.defaults.items() if name not in sent and name in fields})
+        if fields["num_images"] > self.max_num_images:
+            limit = self.max_num_images
+            message = f"Input should be less than or equal to {limit} (this service's max_num_images)"
+            raise ValidationFailed(
+                [{"type": "less_than_equal", "loc": ["body", "num_images"], "msg": message, "ctx": {"le": limit}}]
+            )
+        fields["preview_interval"] = (
+            request.preview_interval or self.defaults.get("preview_interval") or self.preview_interval
+        )
+        chosen_seed = request.seed if request.seed is not None else self.defaults.get("seed")
+        fields["seed"] = chosen_seed if chosen_seed is not None else secrets.randbelow(RANDOM_SEEDS)
+        return ResolvedRequest(**fields)
+
+
 def image_size_pixels(image_size: ImageSizePreset | ImageSize) -> tuple[int, int]:
     """(width, height) of a fal `image_size`: a preset's, or the object's own."""
     if isinstance(image_size, ImageSize):
@@ -223,82 +280,8 @@ def resolved_request_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return request.model_dump(include=chosen)
 
 
-# Defaults to start from (config `request_profile`), before the deployment's own `request_defaults`.
+# Defaults to start from (config `requests.profile`), before the deployment's own `requests.defaults`.
 REQUEST_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},  # the schema's: 20 steps, negative prompt "blurry, low quality", 1024x1024, JPEG
     "fast-sdxl": resolved_request_fields(FAST_SDXL_DEFAULTS),
 }
-
-
-class ImageFile(BaseModel):
-    """An image inline as a data URI: what fal's playground and clients render."""
-
-    url: str
-    content_type: Literal["image/jpeg", "image/png"]
-    width: int
-    height: int
-
-
-class Timings(BaseModel):
-    """Seconds spent; `inference` is the pipeline call, `total` includes encoding."""
-
-    inference: float
-    total: float
-
-
-class PreviewEvent(BaseModel):
-    """A TAESD decode of the latents after `step` (0-based) of `num_inference_steps`; for a batch
-    (`num_images` > 1), of its first image: the one the final event's `image` names."""
-
-    type: Literal["preview"] = "preview"
-    step: int
-    num_inference_steps: int
-    image: ImageFile
-
-
-class ProgressEvent(BaseModel):
-    """Denoising `step` (0-based) finished; sent only to callers that ask for it (the job queue's logs)."""
-
-    type: Literal["progress"] = "progress"
-    step: int
-    num_inference_steps: int
-
-
-class GenerationResult(BaseModel):
-    """`POST /`: fal fast-sdxl's result shape."""
-
-    images: list[ImageFile]
-    seed: int = Field(description="The request's seed (chosen when omitted); image i was generated from seed + i.")
-    timings: Timings
-    prompt: str
-    has_nsfw_concepts: list[bool | None] = Field(
-        description="One per image: true when the safety checker flagged it (the image is then black), false "
-        "when it passed, null when no check ran (no checker configured, or `enable_safety_checker: false`)."
-    )
-
-
-class FinalEvent(GenerationResult):
-    """The last event of a successful stream: the result plus `image`, the streaming example's shape
-    (`image` and `images[0]` name the same file)."""
-
-    type: Literal["final"] = "final"
-    image: ImageFile
-
-    def result(self) -> GenerationResult:
-        return GenerationResult.model_validate(self.model_dump(include=set(GenerationResult.model_fields)))
-
-
-class ErrorBody(BaseModel):
-    """The one error shape, for HTTP errors and the SSE `error` event alike."""
-
-    detail: str | list
-    error_type: str
-
-
-class ErrorEvent(ErrorBody):
-    """The last event of a failed stream; SSE sends it as `event: error` with an `ErrorBody`."""
-
-    type: Literal["error"] = "error"
-
-
-StreamEvent = Annotated[PreviewEvent | ProgressEvent | FinalEvent | ErrorEvent, Field(discriminator="type")]

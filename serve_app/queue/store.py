@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from serve_app.errors import Overloaded
-from serve_app.jobs.records import CancelOutcome, JobError, JobRecord
+from serve_app.contract.errors import ErrorBody, Overloaded
+from serve_app.contract.queue import LogEntry
+from serve_app.queue.records import CancelOutcome, JobRecord
 
 DEFAULT_RESULT_TTL_S = 3600.0
 DEFAULT_RETRY_AFTER_S = 5.0
@@ -55,8 +56,8 @@ class JobStore(ABC):
         """Extend the lease to now + `lease_s`; False when the job is no longer leased to `owner`."""
 
     @abstractmethod
-    async def append_logs(self, request_id: str, logs: list[dict]) -> None:
-        """Add log objects to a queued or running job; ignored once it completed."""
+    async def append_logs(self, request_id: str, logs: list[LogEntry]) -> None:
+        """Add log entries to a queued or running job; ignored once it completed."""
 
     @abstractmethod
     async def finish(
@@ -65,7 +66,7 @@ class JobStore(ABC):
         owner: str | None,
         *,
         result: dict | None = None,
-        error: JobError | None = None,
+        error: ErrorBody | None = None,
         inference_time: float | None = None,
     ) -> bool:
         """Complete the job exactly once; False if already completed, unknown or leased to another owner.

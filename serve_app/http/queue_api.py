@@ -1,0 +1,190 @@
+"""fal's queue API at the ingress: submit, status (polled or streamed), result, cancel, result files.
+
+Bodies are the `serve_app.contract.queue` models, exactly what `fal_client` and `@fal-ai/client`
+parse. Status comes from this replica's `JobMirror`, so the ten polls a second each waiting
+`fal_client` makes never leave the ingress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from ray.serve.handle import DeploymentHandle
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from serve_app.config import AppConfig
+from serve_app.contract.errors import AlreadyCompleted, NotCompleted, NotFound, ValidationFailed, from_body
+from serve_app.contract.queue import CancelAccepted, JobUrls, QueueMetrics, QueueStatus, QueueSubmitted
+from serve_app.contract.requests import ResolvedRequest
+from serve_app.generation.ray_errors import from_ray
+from serve_app.http.errors import error_response
+from serve_app.http.middleware import CLIENT_SCOPE_KEY, ClientLedger
+from serve_app.http.sse import SEPARATOR, keepalive_comment
+from serve_app.queue.dispatcher import Submitted
+from serve_app.queue.feed import JobMirror, JobSnapshot
+from serve_app.queue.records import JobRecord
+from serve_app.queue.webhooks import check_webhook_url
+
+LOG_FLAGS = {"1": True, "true": True, "0": False, "false": False}
+FILES_PREFIX = "/files/"
+
+
+class QueueApi:
+    def __init__(self, job_queue: DeploymentHandle, config: AppConfig, ledger: ClientLedger | None = None) -> None:
+        self._queue = job_queue
+        self._app_id = config.app_id
+        self._webhook_allowed_hosts = config.queue.webhook_allowed_hosts
+        self._keepalive_s = config.http.keepalive_s
+        self.ledger = ledger  # set when the per-client limit is on: submits record their jobs in it
+        self._mirror = JobMirror(self._fetch_changes, finished_ttl_s=config.queue.result_ttl_s)
+
+    async def _ask(self, method: str, *args: Any) -> Any:
+        """Call the job queue; its failures as catalog errors."""
+        try:
+            return await getattr(self._queue, method).remote(*args)
+        except Exception as error:
+            raise from_ray(error) from error
+
+    async def _fetch_changes(self, epoch: str, since: int, timeout_s: float):
+        return await self._queue.changes.remote(epoch, since, timeout_s)
+
+    async def submit(self, body: ResolvedRequest, request: Request, webhook: str | None) -> Response:
+        self._mirror.start()
+        if webhook is not None:
+            check_webhook_url(webhook, self._webhook_allowed_hosts)
+        submitted: Submitted = await self._ask("submit", body, webhook)
+        request_id = submitted.snapshot.request_id
+        self._mirror.remember(submitted.snapshot, submitted.position)
+        if self.ledger is not None and CLIENT_SCOPE_KEY in request.scope:
+            self.ledger.add_job(request.scope[CLIENT_SCOPE_KEY], request_id)
+        answer = QueueSubmitted(
+            request_id=request_id, queue_position=submitted.position, **self._urls(request, request_id)
+        )
+        return _json(answer.model_dump_json(), headers={"x-fal-request-id": request_id})
+
+    async def status(self, request_id: str, request: Request, logs: str | None) -> Response:
+        snapshot = await self._snapshot(request_id)
+        return _json(self._status(snapshot, request, _log_flag(logs)).wire())
+
+    async def status_stream(self, request_id: str, request: Request, logs: str | None) -> Response:
+        snapshot = await self._snapshot(request_id)  # unknown: 404 before the stream starts
+        with_logs = _log_flag(logs)
+        return EventSourceResponse(
+            self._status_events(snapshot, request, with_logs),
+            ping=self._keepalive_s,
+            ping_message_factory=keepalive_comment,
+            sep=SEPARATOR,
+        )
+
+    async def result(self, request_id: str, request: Request) -> Response:
+        record: JobRecord | None = await self._ask("result", request_id)
+        if record is None:
+            raise NotFound(f"no request {request_id}")
+        headers = {"x-fal-request-id": request_id}
+        if record.state != "COMPLETED":
+            raise NotCompleted()
+        if record.error is not None:
+            response = error_response(from_body(record.error))
+            response.headers.update(headers)
+            return response
+        return JSONResponse(_absolute_files(record.result or {}, request), headers=headers)
+
+    async def cancel(self, request_id: str) -> Response:
+        outcome = await self._ask("cancel", request_id)
+        if outcome == "unknown":
+            raise NotFound(f"no request {request_id}")
+        if outcome == "completed":
+            raise AlreadyCompleted()
+        return _json(CancelAccepted().model_dump_json(), status_code=202)
+
+    async def file(self, key: str) -> Response:
+        found = await self._ask("file", key)
+        if found is None:
+            raise NotFound("no such file (results are kept for `queue.result_ttl_s`)")
+        data, content_type = found
+        return Response(data, media_type=content_type, headers={"cache-control": "private, max-age=3600"})
+
+    def in_flight(self, request_id: str) -> bool:
+        """Whether a job is still queued or running, from this replica's mirror (nothing leaves the
+        ingress); a job the mirror no longer holds has completed."""
+        snapshot = self._mirror.get(request_id)
+        return snapshot is not None and snapshot.state != "COMPLETED"
+
+    async def _snapshot(self, request_id: str) -> JobSnapshot:
+        """From the mirror; a job it has not heard of yet (submitted through another replica a moment
+        ago, or finished before a restart) costs one call to the job queue."""
+        self._mirror.start()
+        snapshot = self._mirror.get(request_id)
+        if snapshot is None:
+            snapshot = await self._ask("snapshot", request_id)
+            if snapshot is None:
+                raise NotFound(f"no request {request_id}")
+            self._mirror.remember(snapshot)
+        return snapshot
+
+    async def _status_events(
+        self, snapshot: JobSnapshot, request: Request, with_logs: bool
+    ) -> AsyncIterator[ServerSentEvent]:
+        """Each change of the job's status, logs sent once each (the JS client accumulates them),
+        ending after COMPLETED."""
+        sent_logs, last = 0, None
+        while True:
+            status = self._status(snapshot, request, with_logs)
+            if with_logs:
+                status.logs = snapshot.logs[sent_logs:]
+                sent_logs = len(snapshot.logs)
+            body = status.wire()
+            if body != last:
+                yield ServerSentEvent(body, sep=SEPARATOR)
+                last = body
+            if snapshot.state == "COMPLETED":
+                return
+            await self._mirror.wait_for_change(self._keepalive_s)
+            snapshot = self._mirror.get(snapshot.request_id) or snapshot
+
+    def _status(self, snapshot: JobSnapshot, request: Request, with_logs: bool) -> QueueStatus:
+        status = QueueStatus(
+            status=snapshot.state,
+            request_id=snapshot.request_id,
+            logs=snapshot.logs if with_logs else None,  # fal_client requires the key (null without logs)
+            **self._urls(request, snapshot.request_id),
+        )
+        position = self._mirror.position(snapshot.request_id)
+        if snapshot.state == "IN_QUEUE":
+            status.queue_position = position if position is not None else 0
+        elif position is not None:  # claimed, waiting for a replica: still in the queue for the client
+            status.status, status.queue_position = "IN_QUEUE", position
+        if snapshot.state == "COMPLETED":
+            status.metrics = QueueMetrics(inference_time=snapshot.inference_time)
+            if snapshot.error is not None:
+                status.error, status.error_type = str(snapshot.error.detail), snapshot.error.error_type
+        return status
+
+    def _urls(self, request: Request, request_id: str) -> dict:
+        base = f"{str(request.base_url).rstrip('/')}/queue/{self._app_id}/requests/{request_id}"
+        return JobUrls(response_url=base, status_url=f"{base}/status", cancel_url=f"{base}/cancel").model_dump()
+
+
+def _json(body: str, status_code: int = 200, headers: dict | None = None) -> Response:
+    """A model already dumped to JSON (the route's `response_model` documents it; nothing re-validates it)."""
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _log_flag(logs: str | None) -> bool:
+    if logs is None:
+        return False
+    if logs.lower() not in LOG_FLAGS:
+        raise ValidationFailed("logs must be one of 0, 1, true, false")
+    return LOG_FLAGS[logs.lower()]
+
+
+def _absolute_files(result: dict, request: Request) -> dict:
+    """Stored images' paths as URLs on the host the client used."""
+    base = str(request.base_url).rstrip("/")
+    for image in result.get("images", []):
+        if image["url"].startswith(FILES_PREFIX):
+            image["url"] = base + image["url"]
+    return result

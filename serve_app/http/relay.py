@@ -1,0 +1,130 @@
+"""`POST /stream` and `POST /`: a generation's events relayed as Server-Sent Events, or its result as JSON.
+
+Everything goes through a `GenerationClient`, so this runs the same over Serve's handle and in-process
+(the tests). Failures are catalog errors: before the stream starts, a JSON error with its status; after,
+an SSE `error` event, then the response is cut off so that fal's clients raise too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
+
+from serve_app.config import HttpConfig, RequestConfig
+from serve_app.contract.errors import Overloaded, QueueTimeout, ServiceError, as_service_error
+from serve_app.contract.events import RESULT_ONLY, STREAM, GenerationResult
+from serve_app.contract.requests import ResolvedRequest
+from serve_app.generation.client import GenerationCall, GenerationClient
+from serve_app.http.errors import error_response
+from serve_app.http.sse import SEPARATOR, encode_event, error_event, keepalive_comment
+
+logger = logging.getLogger("ray.serve")
+
+COUNTED_REJECTIONS = ("overloaded", "queue_timeout")
+
+
+class GenerationRelay:
+    def __init__(
+        self,
+        generation: GenerationClient,
+        requests: RequestConfig,
+        http: HttpConfig,
+        on_rejection: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_rejection` gets the `error_type` of each request turned away before it generated (metrics)."""
+        self._generation = generation
+        self._queue_timeout_s = requests.queue_timeout_s
+        self._run_timeout_s = requests.queue_timeout_s + requests.timeout_s
+        self._first_event_wait_s = http.first_event_wait_s
+        self._keepalive_s = http.keepalive_s
+        self._on_rejection = on_rejection
+
+    async def stream(self, request: ResolvedRequest) -> Response:
+        call = self._generation.events(request, STREAM)
+        first = asyncio.ensure_future(asyncio.wait_for(anext(call), self._queue_timeout_s))
+        try:
+            # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
+            await asyncio.wait({first}, timeout=self._first_event_wait_s)
+            if first.done() and not first.cancelled() and isinstance(first.exception(), Overloaded):
+                return error_response(self._failure(first.exception()))
+        except BaseException:
+            first.cancel()
+            call.cancel()
+            raise
+        return RelayResponse(
+            self._relay(first, call),
+            on_end=lambda: (first.cancel(), call.cancel()),
+            ping=self._keepalive_s,
+            ping_message_factory=keepalive_comment,
+            sep=SEPARATOR,
+        )
+
+    async def run(self, request: ResolvedRequest) -> Response | GenerationResult:
+        call = self._generation.events(request, RESULT_ONLY)
+        try:
+            # Without previews the only event is the result: bound the wait for a replica plus the run.
+            final = await asyncio.wait_for(call.result(), self._run_timeout_s)
+        except Exception as error:  # noqa: BLE001 - every failure is a JSON error, never a bare 500
+            return error_response(self._failure(error, self._run_timeout_s))
+        finally:
+            call.cancel()  # a no-op once the call ended by itself
+        return final.result()
+
+    def _failure(self, error: BaseException, waited_s: float | None = None) -> ServiceError:
+        """What the client is told about an exception met while waiting for or relaying events."""
+        if isinstance(error, TimeoutError):
+            failure: ServiceError = QueueTimeout(
+                f"no model replica took the request within {waited_s or self._queue_timeout_s:g} s"
+            )
+        else:
+            if not isinstance(error, ServiceError):
+                logger.error("Relaying the generation failed", exc_info=error)
+            failure = as_service_error(error)
+        if failure.error_type in COUNTED_REJECTIONS and self._on_rejection is not None:
+            self._on_rejection(failure.error_type)
+        return failure
+
+    async def _relay(self, first: asyncio.Future, call: GenerationCall) -> AsyncIterator:
+        """SSE events until the final event; a failure of any kind becomes an error event, after which
+        the response is cut off (`StreamFailed`) so that fal clients raise too."""
+        failed = True
+        try:
+            event = await first
+            while True:
+                yield encode_event(event)
+                event = await anext(call)
+        except StopAsyncIteration:  # after the final event: the call ended as it should
+            failed = False
+        except Exception as error:  # noqa: BLE001 - the client must see an error event, never a silent end
+            yield error_event(self._failure(error))
+        finally:
+            call.cancel()  # stops the replica's work if the client went away
+        if failed:
+            raise StreamFailed("the stream ended with an error event; its response is cut off on purpose")
+
+
+class RelayResponse(EventSourceResponse):
+    """An SSE response that stops the replica's work however it ends, even if it fails before its body
+    iterator ever started (whose own `finally` then never runs): `on_end` must be idempotent."""
+
+    def __init__(self, content: AsyncIterator, on_end: Callable[[], object], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
+
+
+class StreamFailed(Exception):
+    """Raised after a stream's error event: the server then ends the response without HTTP/1.1's last
+    chunk. curl, browsers and the playground have read the error event; `fal_client.stream` (which
+    reads every event as data) raises on the broken body, and `@fal-ai/client`'s `done()` rejects
+    instead of resolving to the error as if it were the result."""
