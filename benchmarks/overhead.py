@@ -8,7 +8,9 @@ each ratio is given two ways, best run over best run and the median over rounds 
 a round (on a shared VM the same call varies by 15-35% from one minute to the next):
   1. the bare StableDiffusionXLPipeline call, no callback (the floor);
   2. our engine in-process (`SDXLEngine.generate`): previews off, every 5 steps, every step;
-  3. end to end over HTTP SSE through the Serve proxy, ingress and SDXL deployment (configs/local.yaml);
+  3. end to end over HTTP SSE through the Serve proxy, ingress and SDXL deployment (configs/local.yaml),
+     beside `POST /` with the same body (3', no previews) and `/stream` with one preview (3''): what a
+     stream costs over a plain request, and how much of it each preview is;
   4. the reference pattern (benchmarks/reference_app.py: thread + queue + StreamingResponse, uvicorn);
   5. throughput, requests per minute, with 1, 2 and 4 concurrent clients on 1 and 2 replicas
      (one torch thread per replica, so each has its own core; on CUDA one GPU per replica, so the
@@ -111,6 +113,17 @@ def ours(engine: SDXLEngine, body: dict, interval: int) -> float:
         return time.perf_counter() - started
 
     return asyncio.run(run())
+
+
+def post_result(url: str, body: dict) -> float:
+    """`POST /`: the result as JSON, no previews; the client built before the clock starts, as below."""
+    with httpx.Client(timeout=600) as client:
+        started = time.perf_counter()
+        response = client.post(url, json=body)
+        finished = time.perf_counter() - started
+    if response.status_code != 200:  # a failed run is short, not fast
+        raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    return finished
 
 
 def over_http(url: str, body: dict) -> tuple[float, float, float | None]:
@@ -221,6 +234,8 @@ BARE = "bare pipeline (1)"
 EVERY_5 = "ours in-process, previews every 5 (2)"
 EVERY_STEP = "ours in-process, previews every step (2')"
 SERVE = "Serve SSE end to end (3)"
+SERVE_RESULT = "Serve POST / end to end, no previews (3')"
+SERVE_ONE_PREVIEW = "Serve SSE end to end, one preview (3'')"
 REFERENCE = "reference pattern, uvicorn (4)"
 SETTLE_S = 1.0  # before each measurement: the previous one's trailing work (logs, metrics) ends first
 
@@ -297,8 +312,11 @@ def main() -> None:
         EVERY_5: lambda: ours(engine, body, 5),
         EVERY_STEP: lambda: ours(engine, body, 1),
         SERVE: lambda: over_http(f"{base}/stream", body),
+        SERVE_RESULT: lambda: post_result(f"{base}/", body),
+        SERVE_ONE_PREVIEW: lambda: over_http(f"{base}/stream", {**body, "preview_interval": args.steps}),
         REFERENCE: lambda: over_http(reference_url, body),
     }
+    previews = len(range(0, args.steps, 5))  # the stream's: configs/local.yaml previews every 5 steps
     for measure in variants.values():  # warm-up: first-call costs are not what we compare
         measure()
     rounds = [measure_round(variants, models, body, index) for index in range(args.reps)]
@@ -325,13 +343,15 @@ def main() -> None:
         "(2') every step / (1)": ratio(rounds, EVERY_STEP, BARE),
         "(3) Serve SSE / (1)": ratio(rounds, SERVE, BARE),
         "(3) Serve SSE / (4) reference": ratio(rounds, SERVE, REFERENCE),
-        "time to first event (3) - one step, ms": first_event_over_step(rounds, SERVE),
-        "time to first event (4) - one step, ms": first_event_over_step(rounds, REFERENCE),
-        "(3) client total - replica's own total (transport), ms": (
-            min(r[SERVE].total - r[SERVE].replica_total for r in rounds) * 1000,
-            statistics.median(r[SERVE].total - r[SERVE].replica_total for r in rounds) * 1000,
-        ),
+        "(3) Serve SSE / (3') POST / with the same body": ratio(rounds, SERVE, SERVE_RESULT),
+        "(3'') one preview / (3') POST /": ratio(rounds, SERVE_ONE_PREVIEW, SERVE_RESULT),
     }
+
+    if previews > 1:
+        ratios[f"each further preview of (3), ms: ((3) - (3'')) / {previews - 1}"] = (
+            (best(rounds, SERVE) - best(rounds, SERVE_ONE_PREVIEW)) / (previews - 1) * 1000,
+            statistics.median(r[SERVE].total - r[SERVE_ONE_PREVIEW].total for r in rounds) / (previews - 1) * 1000,
+        )
 
     if batch_rounds:
         ratios[f"(6) num_images {args.batch_images} / {args.batch_images} single requests, images/s"] = (

@@ -139,7 +139,7 @@ class CpuPreviewWorker(PreviewWorker):
 
     def _hand_over(self, latents: torch.Tensor) -> PixelSource:
         with torch.inference_mode():
-            pixels = latents_to_pixels(self._decoder, latents)
+            pixels = latents_to_pixels(self._decoder, latents, self._settings.max_size)
         return lambda: pixels
 
 
@@ -171,7 +171,7 @@ class CudaPreviewWorker(PreviewWorker):
             # Allocated on the loop's stream, read on this one: keep the allocator from handing the memory
             # back to the loop while this stream's kernels may still read it (a decode failing after launch).
             latents.record_stream(self._stream)
-            on_device = decode_latents(self._decoder, latents)
+            on_device = decode_latents(self._decoder, latents, self._settings.max_size)
             pixels = torch.empty(on_device.shape, dtype=torch.uint8, pin_memory=True)
             pixels.copy_(on_device, non_blocking=True)
             copied = self._stream.record_event(torch.cuda.Event(blocking=True))  # sleeps; a spin would hold a core

@@ -31,21 +31,38 @@ class PreviewSchedule:
         return [step for step in range(num_inference_steps) if self.is_preview_step(step)]
 
 
-def decode_latents(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+LATENT_SCALE = 8  # pixels per latent, each way (SDXL's VAE and TAESD)
+
+
+def preview_latents(latents: torch.Tensor, max_size: int | None) -> torch.Tensor:
+    """The first image's latents, averaged down by the largest power of 2 that still decodes to at least
+    `max_size` pixels on the long side: a 1024x1024 image's 512 px preview decodes a quarter of the pixels
+    (and holds a quarter of the memory) that a full-size decode would, then throws away."""
+    first = latents[:1]
+    long_side = max(first.shape[-2:]) * LATENT_SCALE
+    factor = 1
+    while max_size is not None and long_side // (factor * 2) >= max_size:
+        factor *= 2
+    return torch.nn.functional.avg_pool2d(first, factor) if factor > 1 else first
+
+
+def decode_latents(decoder: torch.nn.Module, latents: torch.Tensor, max_size: int | None = None) -> torch.Tensor:
     """Decode one image's latents with a TAESD-shaped decoder into uint8 HWC pixels, on its device: the
-    first of a batch (`num_images`), whose previews show its first image, the final event's `image`.
+    first of a batch (`num_images`), whose previews show its first image, the final event's `image`;
+    at no more resolution than a `max_size` preview needs (`preview_latents`).
 
     The conversion to uint8 happens there, so only a small tensor has to cross to the host.
     """
-    scaled = latents[:1].to(decoder.dtype) / decoder.config.scaling_factor
+    scaled = preview_latents(latents, max_size).to(decoder.dtype) / decoder.config.scaling_factor
+    scaled = scaled.contiguous(memory_format=torch.channels_last)  # as the decoder's weights are
     decoded = decoder.decode(scaled, return_dict=False)[0]  # in [-1, 1]
     pixels = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(1, 2, 0)
 
 
-def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor, max_size: int | None = None) -> torch.Tensor:
     """`decode_latents`, then on the CPU (a blocking copy when the decoder is on a GPU)."""
-    return decode_latents(decoder, latents).cpu()
+    return decode_latents(decoder, latents, max_size).cpu()
 
 
 def pixels_to_image(pixels: torch.Tensor, max_size: int) -> Image.Image:

@@ -84,6 +84,24 @@ def test_latents_decode_to_8x_pixels_in_uint8() -> None:
     assert pixels.device.type == "cpu"
 
 
+@pytest.mark.parametrize(
+    ("latent_size", "max_size", "decoded"),
+    [
+        ((128, 128), 512, (512, 512)),  # a 1024x1024 image's 512 px preview: a quarter of the pixels decoded
+        ((256, 192), 512, (512, 384)),  # 2048x1536: a sixteenth
+        ((64, 64), 512, (512, 512)),  # 512x512: already the preview's size
+        ((96, 64), 512, (768, 512)),  # 768x512: no power of 2 gets closer without going under
+        ((128, 128), None, (1024, 1024)),  # no limit: full size
+    ],
+)
+def test_previews_decode_at_the_size_they_are_shown(
+    latent_size: tuple[int, int], max_size: int | None, decoded: tuple[int, int]
+) -> None:
+    with torch.inference_mode():
+        pixels = latents_to_pixels(tiny_decoder(), torch.randn(1, 4, *latent_size), max_size)
+    assert tuple(pixels.shape[:2]) == decoded
+
+
 def test_cpu_worker_decodes_in_the_loop_and_encodes_on_its_own_thread() -> None:
     """On a CPU the decode runs in the caller (the denoising loop); only the encoding moves off it."""
     decoder = tiny_decoder()
