@@ -236,14 +236,47 @@ class QueueConfig(Section):
         ge=1,
         description="A running job's lease; a job whose job-queue replica died goes back to the queue after it.",
     )
-    max_attempts: int = Field(default=3, ge=1, description="Dispatches of one job before it fails.")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts of one job before it fails: a job whose job-queue replica or model replica died "
+        "is run again, up to this many times in all.",
+    )
+    store_wait_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How long a client's queue call waits for a store that does not answer (Redis restarting or "
+        "paused) before it gets 503 + Retry-After. Jobs already running wait for it as long as it takes.",
+    )
+    max_finished_jobs: int = Field(default=10_000, ge=1, description="Finished jobs kept; the oldest evicted.")
+    max_finished_bytes: int = Field(
+        default=1024**3, ge=1, description="Bytes of finished jobs kept (results, logs, images); the oldest evicted."
+    )
+    max_finished_jobs_per_client: int = Field(
+        default=1_000, ge=1, description="Finished jobs kept per owner (API key): one client cannot evict everyone's."
+    )
+    max_finished_bytes_per_client: int = Field(default=256 * 1024**2, ge=1, description="Bytes kept per owner.")
+    shutdown_handoff_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="A stopping job-queue replica hands jobs no model replica has taken back at once, lets its "
+        "running jobs finish for this long, then hands those back too (keep it under the deployment's "
+        "`graceful_shutdown_timeout_s`).",
+    )
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host names `?fal_webhook=` URLs may point at (exact, or '.example.com' for subdomains); "
         "empty: webhooks are refused at submit. The service calls only these: anything else would be an SSRF hole.",
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=60, description="Per webhook attempt.")
-    webhook_attempts: int = Field(default=3, ge=1, le=10, description="Tries per webhook, with backoff.")
+    webhook_attempts: int = Field(
+        default=10, ge=1, le=20, description="Attempts per webhook (fal's: 10 over about two hours)."
+    )
+    webhook_retry_base_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="The wait before the second attempt; each later one waits twice the last (10 attempts: ~2 h).",
+    )
 
 
 class StatusServerConfig(Section):

@@ -155,6 +155,18 @@ def test_the_production_job_store_is_redis_with_its_url_from_a_secret() -> None:
     assert env[config.queue.redis_url_env]["valueFrom"]["secretKeyRef"]["name"] == "sdxl-serve-redis"
     redis = documents["StatefulSet/sdxl-redis"]["spec"]["template"]["spec"]["containers"][0]
     assert "--appendonly" in redis["args"] and "Service/sdxl-redis" in documents
+    # Redis refuses writes at its bound (the queue answers 503) instead of being OOM-killed at the pod's.
+    args = dict(zip(redis["args"][::2], redis["args"][1::2], strict=True))
+    assert args["--maxmemory-policy"] == "noeviction" and args["--appendfsync"] == "always"
+    assert int(args["--maxmemory"].removesuffix("mb")) * 1024**2 < 2 * 1024**3  # the container's 2Gi limit
+
+
+def test_production_runs_two_job_queue_replicas_that_hand_jobs_back_before_serve_kills_them() -> None:
+    app = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]
+    job_queue = next(d for d in app["deployments"] if d["name"] == JobQueue.name)
+    config = AppConfig.model_validate(app["args"])
+    assert job_queue["num_replicas"] == 2 and config.queue.store == "redis"
+    assert config.queue.shutdown_handoff_s < job_queue["graceful_shutdown_timeout_s"]
 
 
 def test_the_front_proxy_is_the_public_entry_and_every_serve_proxy_runs_the_edge_checks() -> None:

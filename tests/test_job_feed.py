@@ -1,4 +1,5 @@
-"""The job status feed and its mirror: what an ingress replica knows without asking the job queue."""
+"""The status mirror each ingress replica keeps: what it knows without asking the job queue, and how the
+store's word wins (a store that started over, a job it lost)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import asyncio
 
 import pytest
 
+from serve_app.config import QueueConfig
 from serve_app.contract.queue import LogEntry
-from serve_app.queue.feed import JobFeed, JobMirror, JobSnapshot
+from serve_app.queue.dispatcher import JobDispatcher
+from serve_app.queue.feed import JobMirror
+from serve_app.queue.records import JobRecord
+from serve_app.queue.store import FeedChanges, JobSnapshot, JobStore
 
 pytestmark = pytest.mark.anyio
 
@@ -17,67 +22,112 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def snapshot(request_id: str, state: str = "IN_QUEUE", logs: int = 0) -> JobSnapshot:
-    return JobSnapshot(
-        request_id=request_id, state=state, logs=[LogEntry(message=f"line {i}", timestamp="t") for i in range(logs)]
-    )
+class NoModel:
+    """No model replica ever answers: these tests are about status, not generations."""
+
+    def events(self, request, mode):
+        raise AssertionError("nothing is dispatched here")
+
+    async def ready_replicas(self) -> int:
+        return 0
 
 
-async def test_changes_are_what_changed_since_a_version_and_the_queue_order() -> None:
-    feed = JobFeed(finished_ttl_s=60)
-    feed.put(snapshot("a"))
-    feed.put(snapshot("b"))
-    feed.set_queue(["a", "b"])
-    first = await feed.changes("", 0, timeout_s=0)
-    assert first.reset and [job.request_id for job in first.jobs] == ["a", "b"] and first.queued == ["a", "b"]
+def follow(store: JobStore, audit_after_s: float = 60.0) -> tuple[JobMirror, JobDispatcher]:
+    """A mirror of `store` through a dispatcher's feed and audit, as an ingress follows the job queue."""
+    dispatcher = JobDispatcher(store, NoModel(), QueueConfig(), "local/sdxl")
 
-    feed.put(snapshot("a", "IN_PROGRESS", logs=2))
-    feed.set_queue(["b"])
-    second = await feed.changes(first.epoch, first.version, timeout_s=0)
-    assert not second.reset and [(job.request_id, job.state) for job in second.jobs] == [("a", "IN_PROGRESS")]
-    assert second.queued == ["b"]
+    async def fetch(epoch: str, since: int, queue_since: int, timeout_s: float):
+        return await dispatcher.changes(epoch, since, queue_since, min(timeout_s, 0.05))
 
-    nothing = await feed.changes(second.epoch, second.version, timeout_s=0.05)
-    assert nothing.jobs == [] and nothing.queued is None and nothing.version == second.version
+    mirror = JobMirror(fetch, dispatcher.audit, finished_ttl_s=60, poll_timeout_s=0.05, audit_after_s=audit_after_s)
+    mirror.start()
+    return mirror, dispatcher
+
+
+async def submitted(store: JobStore, count: int) -> list[str]:
+    ids = []
+    for index in range(count):
+        record = JobRecord(app_id="local/sdxl", request={"prompt": f"{index}"}, logs=[LogEntry.now("Queued")])
+        await store.submit(record, max_queued=100)
+        ids.append(record.request_id)
+    return ids
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the mirror did not catch up")
+
+
+async def test_the_mirror_follows_states_logs_and_positions() -> None:
+    store = JobStore.in_memory()
+    mirror, _ = follow(store)
+    ids = await submitted(store, 3)
+    await until(lambda: mirror.position(ids[2]) == 2)
+    claim = await store.claim(60)
+    await until(lambda: mirror.get(ids[0]).state == "IN_PROGRESS")
+    assert mirror.position(ids[0]) == 0  # claimed, no model replica yet: still first in line
+    await store.start(ids[0], claim.token, [LogEntry.now("Started")])
+    await until(lambda: mirror.get(ids[0]).generating)
+    assert [log.message for log in mirror.get(ids[0]).logs] == ["Queued", "Started"]
+    assert (mirror.position(ids[0]), mirror.position(ids[1])) == (None, 0)
+
+
+async def test_a_store_that_starts_over_resets_the_mirror_and_its_lost_jobs_complete_as_lost() -> None:
+    """FLUSHDB, or a Redis restarted without its data: the mirror starts over, and the accepted jobs it
+    still held are completed as `job_lost` rather than polled for ever."""
+    store = JobStore.in_memory()
+    mirror, _ = follow(store, audit_after_s=0.2)
+    lost = await submitted(store, 2)
+    await until(lambda: all(mirror.get(request_id) for request_id in lost))
+    await store._redis.flushdb()
+    fresh = await submitted(store, 1)
+    await until(lambda: mirror.get(fresh[0]) is not None and mirror.get(lost[0]).state == "COMPLETED")
+    for request_id in lost:
+        snapshot = mirror.get(request_id)
+        assert (snapshot.state, snapshot.error.error_type) == ("COMPLETED", "job_lost")
+    assert (await store.get(lost[0])).error.error_type == "job_lost"  # every replica now agrees
+    assert mirror.position(fresh[0]) == 0
+
+
+async def test_a_quiet_job_the_store_no_longer_has_is_resolved_too() -> None:
+    """A job lost without the store starting over (the last second of an `everysec` AOF, an eviction)."""
+    store = JobStore.in_memory()
+    mirror, _ = follow(store, audit_after_s=0.2)
+    kept, lost = await submitted(store, 2)
+    await until(lambda: mirror.get(lost) is not None)
+    await store._redis.delete(f"sdxl:default:job:{lost}")
+    await until(lambda: mirror.get(lost).state == "COMPLETED", timeout_s=3)
+    assert mirror.get(lost).error.error_type == "job_lost"
+    assert mirror.get(kept).state == "IN_QUEUE"
 
 
 async def test_a_long_poll_returns_as_soon_as_something_changes() -> None:
-    feed = JobFeed(finished_ttl_s=60)
-    current = await feed.changes("", 0, timeout_s=0)
-    waiting = asyncio.ensure_future(feed.changes(current.epoch, current.version, timeout_s=10))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
-    feed.put(snapshot("a"))
-    changes = await asyncio.wait_for(waiting, 1)
-    assert [job.request_id for job in changes.jobs] == ["a"]
+    store = JobStore.in_memory()
+    _, dispatcher = follow(store)
+    await dispatcher.start()
+    try:
+        await submitted(store, 1)
+        current = await dispatcher.changes("", 0, 0, timeout_s=0)
+        waiting = asyncio.ensure_future(dispatcher.changes(current.epoch, current.version, current.queue_version, 10))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        (request_id,) = await submitted(store, 1)
+        changes = await asyncio.wait_for(waiting, 2)  # the feed watcher sees the store's version move
+        assert [job.request_id for job in changes.jobs] == [request_id]
+    finally:
+        await dispatcher.close()
 
 
-async def test_a_restarted_job_queue_resets_the_mirror() -> None:
-    """A new epoch (the job queue restarted): the mirror drops what it had and takes the new state."""
-    feeds = [JobFeed(finished_ttl_s=60), JobFeed(finished_ttl_s=60)]
-    feeds[0].put(snapshot("old"))
-    feeds[1].put(snapshot("new"))
-    feeds[1].set_queue(["new"])
-    serving = {"feed": feeds[0]}
+async def test_finished_snapshots_expire_from_the_mirror() -> None:
+    async def never(*args):
+        await asyncio.sleep(3600)
 
-    async def fetch(epoch: str, since: int, timeout_s: float) -> dict:
-        return (await serving["feed"].changes(epoch, since, min(timeout_s, 0.05))).model_dump()
-
-    mirror = JobMirror(fetch, finished_ttl_s=60, poll_timeout_s=0.05)
-    mirror.start()
-    await mirror.wait_for_change(1)
-    assert mirror.get("old") is not None
-    serving["feed"] = feeds[1]
-    for _ in range(20):
-        await mirror.wait_for_change(0.1)
-        if mirror.get("new"):
-            break
-    assert mirror.get("old") is None and mirror.position("new") == 0
-
-
-async def test_finished_snapshots_expire() -> None:
-    feed = JobFeed(finished_ttl_s=0.01)
-    feed.put(snapshot("done", "COMPLETED"))
+    mirror = JobMirror(never, never, finished_ttl_s=0.01)
+    mirror.remember(JobSnapshot(request_id="done", state="COMPLETED"))
     await asyncio.sleep(1.1)  # pruning runs at most once a second
-    feed.put(snapshot("fresh"))
-    assert feed.get("done") is None and feed.get("fresh") is not None
+    fresh = JobSnapshot(request_id="fresh", state="IN_QUEUE")
+    mirror._apply(FeedChanges(epoch="e", version=1, queue_version=0, reset=False, jobs=[fresh], queued=None))
+    assert mirror.get("done") is None and mirror.get("fresh") is not None

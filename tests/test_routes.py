@@ -22,7 +22,7 @@ REQUEST_ID = "5b1f4c1e-0d7a-4b5e-9b1a-2f4e6c8d0a11"
 
 
 def example_path(endpoint: Endpoint) -> str:
-    return endpoint.path.replace("{request_id}", REQUEST_ID).replace("{name}", "0.jpeg")
+    return endpoint.path.replace("{request_id}", REQUEST_ID).replace("{token}", "Zx9").replace("{name}", "0.jpeg")
 
 
 def nginx_status_location() -> re.Pattern:
@@ -56,7 +56,7 @@ def test_the_front_proxy_routes_them_for_any_app_id() -> None:
         ("GET", f"/queue/{APP_ID}/requests/{REQUEST_ID}", True, False, False),
         ("PUT", f"/queue/{APP_ID}/requests/{REQUEST_ID}/cancel", True, False, False),
         ("GET", "/health", False, False, True),
-        ("GET", f"/files/{REQUEST_ID}/0.jpeg", False, False, False),
+        ("GET", "/files/Zx9/0.jpeg", False, False, False),
         ("POST", "/no/such/route", True, False, False),  # unknown and unsafe: a key is asked before the 404
         ("GET", "/no/such/route", False, False, False),
     ],

@@ -208,6 +208,27 @@ class AlreadyCompleted(ServiceError):
     default_detail = "the job has already completed"
 
 
+class QueueUnavailable(_RetryAfter, ServiceError):
+    """The job store did not answer in time (Redis restarting, paused, unreachable): nothing was stored."""
+
+    error_type = "queue_unavailable"
+    status_code = 503
+    default_detail = "the job queue is briefly unavailable; retry later"
+
+    def __init__(self, detail: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class JobLost(ServiceError):
+    """A job the queue accepted is gone from its store (a restart without persistence, a flush): it will
+    not run. 410, not 5xx: the same result would come back on a retry; submit it again."""
+
+    error_type = "job_lost"
+    status_code = 410
+    default_detail = "the job queue lost this job after accepting it; submit it again"
+
+
 class WebhookNotAllowed(ServiceError):
     error_type = "webhook_not_allowed"
     status_code = 400

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 JobState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+ANONYMOUS_OWNER = "anonymous"  # whose jobs everyone's are when the service has no API keys
 
 
 class LogEntry(BaseModel):

@@ -104,13 +104,13 @@ def build_http_app(
         """The result, as `POST /` returns it; a failed or cancelled job's error with its status."""
         return await queue_api.result(request_id, request)
 
-    async def cancel(request_id: str) -> Response:
+    async def cancel(request_id: str, request: Request) -> Response:
         """Remove a queued job, or stop a running one at its next denoising step."""
-        return await queue_api.cancel(request_id)
+        return await queue_api.cancel(request_id, request)
 
-    async def file(request_id: str, name: str) -> Response:
-        """A queue result's image, while the job is kept."""
-        return await queue_api.file(f"{request_id}/{name}")
+    async def file(token: str, name: str) -> Response:
+        """A queue result's image, while the job is kept: its URL carries a token of its own."""
+        return await queue_api.file(f"{token}/{name}")
 
     async def playground() -> HTMLResponse:
         """A page to try the service: live previews, progress, the final image, cancel."""

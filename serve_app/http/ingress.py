@@ -18,7 +18,7 @@ from serve_app.generation.serve import ServeGenerationClient
 from serve_app.http.app import build_http_app
 from serve_app.http.errors import error_response
 from serve_app.http.metrics import IngressMetrics
-from serve_app.http.middleware import ClientLedger
+from serve_app.http.middleware import ApiKeys, ClientLedger
 from serve_app.http.queue_api import QueueApi
 from serve_app.http.relay import GenerationRelay
 from serve_app.http.routes import route_table
@@ -43,7 +43,7 @@ class SDXLIngress:
             config.http,
             on_rejection=lambda reason: metrics.rejections.inc(tags={"reason": reason}),
         )
-        queue_api = QueueApi(job_queue, config)
+        queue_api = QueueApi(job_queue, config, ApiKeys.from_env(config.http.api_keys_env))
         if config.http.max_generations_per_client is not None:
             queue_api.ledger = ClientLedger(queue_api.in_flight)
         routes = route_table(config.app_id)

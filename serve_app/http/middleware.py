@@ -20,6 +20,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.contract.errors import TooManyRequests, Unauthorized
+from serve_app.contract.queue import ANONYMOUS_OWNER
 from serve_app.http.edge import is_valid_request_id
 from serve_app.http.errors import error_response
 from serve_app.http.routes import RouteTable
@@ -79,6 +80,15 @@ class ApiKeys:
         """`Key <key>` (what fal clients send) or `Bearer <key>`; compared in constant time."""
         candidate = presented_key(authorization)
         return candidate is not None and any(hmac.compare_digest(candidate, known) for known in self._keys)
+
+
+def request_owner(keys: ApiKeys, headers: Headers) -> str:
+    """Whose jobs a request may see and cancel: a hash of its API key (`RequireApiKey` has checked it);
+    with keys off, one owner for all."""
+    if not keys.enabled:
+        return ANONYMOUS_OWNER
+    key = presented_key(headers.get("authorization")) or b""
+    return "key:" + hashlib.sha256(key).hexdigest()[:32]
 
 
 def presented_key(authorization: str | None) -> bytes | None:
@@ -238,8 +248,7 @@ class ClientConcurrencyLimit:
     def client(self, scope: Scope) -> str:
         headers = Headers(scope=scope)
         if self.keys.enabled:
-            key = presented_key(headers.get("authorization")) or b""
-            return "key:" + hashlib.sha256(key).hexdigest()[:32]
+            return request_owner(self.keys, headers)
         forwarded = headers.get(self.address_header) if self.address_header else None
         if forwarded:
             return "address:" + forwarded.split(",")[-1].strip()

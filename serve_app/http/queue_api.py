@@ -2,11 +2,15 @@
 
 Bodies are the `serve_app.contract.queue` models, exactly what `fal_client` and `@fal-ai/client`
 parse. Status comes from this replica's `JobMirror`, so the ten polls a second each waiting
-`fal_client` makes never leave the ingress.
+`fal_client` makes never leave the ingress; a poll for an id nobody knows is remembered as unknown for
+a few seconds, so neither does a client polling nonsense. A job belongs to the API key that submitted
+it: for anyone else every route answers exactly as for an unknown id.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,25 +25,37 @@ from serve_app.contract.queue import CancelAccepted, JobUrls, QueueMetrics, Queu
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.ray_errors import from_ray
 from serve_app.http.errors import error_response
-from serve_app.http.middleware import CLIENT_SCOPE_KEY, ClientLedger
+from serve_app.http.middleware import CLIENT_SCOPE_KEY, ApiKeys, ClientLedger, request_owner
 from serve_app.http.sse import SEPARATOR, keepalive_comment
 from serve_app.queue.dispatcher import Submitted
-from serve_app.queue.feed import JobMirror, JobSnapshot
+from serve_app.queue.feed import JobMirror
 from serve_app.queue.records import JobRecord
+from serve_app.queue.store import FeedChanges, JobSnapshot
 from serve_app.queue.webhooks import check_webhook_url
 
 LOG_FLAGS = {"1": True, "true": True, "0": False, "false": False}
+PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority: a low job waits behind every normal one
 FILES_PREFIX = "/files/"
+UNKNOWN_IDS_KEPT = 10_000
+UNKNOWN_FOR_S = 10.0  # job ids are made by the queue: one unknown now cannot become known later
 
 
 class QueueApi:
-    def __init__(self, job_queue: DeploymentHandle, config: AppConfig, ledger: ClientLedger | None = None) -> None:
+    def __init__(
+        self,
+        job_queue: DeploymentHandle,
+        config: AppConfig,
+        keys: ApiKeys | None = None,
+        ledger: ClientLedger | None = None,
+    ) -> None:
         self._queue = job_queue
         self._app_id = config.app_id
         self._webhook_allowed_hosts = config.queue.webhook_allowed_hosts
         self._keepalive_s = config.http.keepalive_s
+        self._keys = keys or ApiKeys([])
         self.ledger = ledger  # set when the per-client limit is on: submits record their jobs in it
-        self._mirror = JobMirror(self._fetch_changes, finished_ttl_s=config.queue.result_ttl_s)
+        self._mirror = JobMirror(self._fetch_changes, self._audit, finished_ttl_s=config.queue.result_ttl_s)
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when it answers 404 from here
 
     async def _ask(self, method: str, *args: Any) -> Any:
         """Call the job queue; its failures as catalog errors."""
@@ -48,14 +64,19 @@ class QueueApi:
         except Exception as error:
             raise from_ray(error) from error
 
-    async def _fetch_changes(self, epoch: str, since: int, timeout_s: float):
-        return await self._queue.changes.remote(epoch, since, timeout_s)
+    async def _fetch_changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
+        return await self._queue.changes.remote(epoch, since, queue_since, timeout_s)
+
+    async def _audit(self, held: list[JobSnapshot]) -> list[JobSnapshot]:
+        return await self._queue.audit.remote(held)
 
     async def submit(self, body: ResolvedRequest, request: Request, webhook: str | None) -> Response:
         self._mirror.start()
         if webhook is not None:
             check_webhook_url(webhook, self._webhook_allowed_hosts)
-        submitted: Submitted = await self._ask("submit", body, webhook)
+        priority = _priority(request.headers.get("x-fal-queue-priority"))
+        owner = request_owner(self._keys, request.headers)
+        submitted: Submitted = await self._ask("submit", body, webhook, owner, priority)
         request_id = submitted.snapshot.request_id
         self._mirror.remember(submitted.snapshot, submitted.position)
         if self.ledger is not None and CLIENT_SCOPE_KEY in request.scope:
@@ -66,11 +87,11 @@ class QueueApi:
         return _json(answer.model_dump_json(), headers={"x-fal-request-id": request_id})
 
     async def status(self, request_id: str, request: Request, logs: str | None) -> Response:
-        snapshot = await self._snapshot(request_id)
+        snapshot = await self._snapshot(request_id, request)
         return _json(self._status(snapshot, request, _log_flag(logs)).wire())
 
     async def status_stream(self, request_id: str, request: Request, logs: str | None) -> Response:
-        snapshot = await self._snapshot(request_id)  # unknown: 404 before the stream starts
+        snapshot = await self._snapshot(request_id, request)  # unknown: 404 before the stream starts
         with_logs = _log_flag(logs)
         return EventSourceResponse(
             self._status_events(snapshot, request, with_logs),
@@ -81,7 +102,7 @@ class QueueApi:
 
     async def result(self, request_id: str, request: Request) -> Response:
         record: JobRecord | None = await self._ask("result", request_id)
-        if record is None:
+        if record is None or record.owner != request_owner(self._keys, request.headers):
             raise NotFound(f"no request {request_id}")
         headers = {"x-fal-request-id": request_id}
         if record.state != "COMPLETED":
@@ -92,8 +113,8 @@ class QueueApi:
             return response
         return JSONResponse(_absolute_files(record.result or {}, request), headers=headers)
 
-    async def cancel(self, request_id: str) -> Response:
-        outcome = await self._ask("cancel", request_id)
+    async def cancel(self, request_id: str, request: Request) -> Response:
+        outcome = await self._ask("cancel", request_id, request_owner(self._keys, request.headers))
         if outcome == "unknown":
             raise NotFound(f"no request {request_id}")
         if outcome == "completed":
@@ -103,7 +124,7 @@ class QueueApi:
     async def file(self, key: str) -> Response:
         found = await self._ask("file", key)
         if found is None:
-            raise NotFound("no such file (results are kept for `queue.result_ttl_s`)")
+            raise NotFound("no such file (results are kept for `queue.result_ttl_s`, within the queue's caps)")
         data, content_type = found
         return Response(data, media_type=content_type, headers={"cache-control": "private, max-age=3600"})
 
@@ -113,17 +134,29 @@ class QueueApi:
         snapshot = self._mirror.get(request_id)
         return snapshot is not None and snapshot.state != "COMPLETED"
 
-    async def _snapshot(self, request_id: str) -> JobSnapshot:
+    async def _snapshot(self, request_id: str, request: Request) -> JobSnapshot:
         """From the mirror; a job it has not heard of yet (submitted through another replica a moment
-        ago, or finished before a restart) costs one call to the job queue."""
+        ago, or finished before a restart) costs one call to the job queue, an unknown id one call per
+        `UNKNOWN_FOR_S`. Another owner's job is unknown."""
         self._mirror.start()
         snapshot = self._mirror.get(request_id)
         if snapshot is None:
+            if self._unknown.get(request_id, 0.0) > time.monotonic():
+                raise NotFound(f"no request {request_id}")
             snapshot = await self._ask("snapshot", request_id)
             if snapshot is None:
+                self._remember_unknown(request_id)
                 raise NotFound(f"no request {request_id}")
             self._mirror.remember(snapshot)
+        if snapshot.owner != request_owner(self._keys, request.headers):
+            raise NotFound(f"no request {request_id}")
         return snapshot
+
+    def _remember_unknown(self, request_id: str) -> None:
+        self._unknown.pop(request_id, None)
+        self._unknown[request_id] = time.monotonic() + UNKNOWN_FOR_S
+        while len(self._unknown) > UNKNOWN_IDS_KEPT:
+            self._unknown.popitem(last=False)
 
     async def _status_events(
         self, snapshot: JobSnapshot, request: Request, with_logs: bool
@@ -155,7 +188,7 @@ class QueueApi:
         position = self._mirror.position(snapshot.request_id)
         if snapshot.state == "IN_QUEUE":
             status.queue_position = position if position is not None else 0
-        elif position is not None:  # claimed, waiting for a replica: still in the queue for the client
+        elif position is not None and not snapshot.generating:  # claimed, waiting for a model replica
             status.status, status.queue_position = "IN_QUEUE", position
         if snapshot.state == "COMPLETED":
             status.metrics = QueueMetrics(inference_time=snapshot.inference_time)
@@ -171,6 +204,14 @@ class QueueApi:
 def _json(body: str, status_code: int = 200, headers: dict | None = None) -> Response:
     """A model already dumped to JSON (the route's `response_model` documents it; nothing re-validates it)."""
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _priority(header: str | None) -> int:
+    if header is None:
+        return PRIORITIES["normal"]
+    if header.lower() not in PRIORITIES:
+        raise ValidationFailed("X-Fal-Queue-Priority must be normal or low")
+    return PRIORITIES[header.lower()]
 
 
 def _log_flag(logs: str | None) -> bool:

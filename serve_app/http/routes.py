@@ -79,6 +79,6 @@ def route_table(app_id: str) -> RouteTable:
             Endpoint("result", job, get),
             Endpoint("cancel", f"{job}/cancel", put),
             # Result images: their URLs carry an unguessable token, as fal's CDN URLs do.
-            Endpoint("file", "/files/{request_id}/{name}", get, needs_key=False),
+            Endpoint("file", "/files/{token}/{name}", get, needs_key=False),
         ]
     )

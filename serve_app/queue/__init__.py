@@ -1,37 +1,29 @@
-"""fal's queue: job records, the stores behind them, and the job-queue deployment that dispatches them.
+"""fal's queue: job records, the store behind them, and the job-queue deployment that dispatches them.
 
-`open_job_store` picks the store once at start-up: in memory by default, Redis when a URL is
-given (jobs then survive the job-queue replica). The Redis client is imported only then.
+`open_job_store` picks the store's backend once at start-up: in this process by default (fakeredis:
+the same scripts and caps; jobs die with the replica), Redis when a URL is given (jobs then survive
+the job-queue replicas, and several of them share the queue).
 """
 
 from __future__ import annotations
 
-from serve_app.queue.memory_store import MemoryJobStore
 from serve_app.queue.records import CancelOutcome, JobRecord
-from serve_app.queue.store import DEFAULT_RESULT_TTL_S, DEFAULT_RETRY_AFTER_S, JobStore, QueueFull
+from serve_app.queue.store import JobStore, QueueFull, StoreFull, StoreLimits, StoreUnavailable, key_prefix
 
 __all__ = [
     "CancelOutcome",
     "JobRecord",
     "JobStore",
-    "MemoryJobStore",
     "QueueFull",
+    "StoreFull",
+    "StoreLimits",
+    "StoreUnavailable",
     "open_job_store",
 ]
 
 
-def open_job_store(
-    redis_url: str | None,
-    *,
-    app_id: str = "default",
-    result_ttl_s: float = DEFAULT_RESULT_TTL_S,
-    retry_after_s: float = DEFAULT_RETRY_AFTER_S,
-) -> JobStore:
-    """A Redis store keyed under `sdxl:{app_id}:` when `redis_url` is set, else an in-memory one."""
+def open_job_store(redis_url: str | None, *, app_id: str = "default", limits: StoreLimits | None = None) -> JobStore:
+    """A Redis store keyed under `sdxl:{app_id}:` when `redis_url` is set, else one in this process."""
     if redis_url is None:
-        return MemoryJobStore(result_ttl_s=result_ttl_s, retry_after_s=retry_after_s)
-    from serve_app.queue.redis_store import RedisJobStore, key_prefix
-
-    return RedisJobStore.from_url(
-        redis_url, prefix=key_prefix(app_id), result_ttl_s=result_ttl_s, retry_after_s=retry_after_s
-    )
+        return JobStore.in_memory(prefix=key_prefix(app_id), limits=limits)
+    return JobStore.from_url(redis_url, prefix=key_prefix(app_id), limits=limits)

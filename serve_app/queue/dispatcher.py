@@ -1,11 +1,22 @@
 """The job queue's logic, without Serve: owns fal queue jobs and runs them through a generation client.
 
-It claims jobs from the store (memory or Redis) with a lease it keeps renewing while the job
-runs, so a job held by a replica that died goes back to the queue. It dispatches no more jobs
-than the model replicas can run, plus `DISPATCH_AHEAD` waiting for one, so streams and jobs share
-the GPUs and queued jobs show up as load to Serve's autoscaler. A dispatched job that has not
-started is still `IN_QUEUE`, ahead of those in the store. Status reaches the ingress replicas
-through the `JobFeed` they follow. `serve_app.queue.job_queue.JobQueue` is its Serve deployment.
+It claims jobs from the store with a lease it renews while the job runs; the claim's token fences every
+write of the run, so a run whose lease another replica took over stops at once and never writes its
+result. It dispatches no more jobs than the model replicas can run, plus `DISPATCH_AHEAD` waiting for
+one, so streams and jobs share the GPUs and queued jobs show up as load to Serve's autoscaler.
+
+Faults it waits out rather than turning into failures:
+- the store not answering: every call on the run path is retried with backoff while the run goes on
+  (logs are written behind it); a finished run's result is written when the store answers again;
+- a model replica dying under a job: the job goes back to the queue front, and fails only once it has
+  taken down `max_attempts` replicas;
+- a job-queue replica dying: its leases lapse and another replica requeues its jobs; right after an
+  outage no replica requeues anything until it has seen the store answer for a whole lease, so a lease
+  that could not be renewed while the store was away is not taken from a live owner;
+- the store losing jobs (a restart without persistence, FLUSHDB): what the mirrors still hold is
+  checked (`audit`) and completed with `job_lost`; a run that finishes anyway keeps its result.
+Webhooks go through the store's outbox: at least once, from whichever replica is up.
+`serve_app.queue.job_queue.JobQueue` is its Serve deployment.
 """
 
 from __future__ import annotations
@@ -14,30 +25,52 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
+import secrets
 import time
-import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pydantic import BaseModel
 
 from serve_app.config import QueueConfig
-from serve_app.contract.errors import Cancelled, Overloaded, ServiceError, as_service_error
+from serve_app.contract.errors import (
+    Cancelled,
+    JobLost,
+    Overloaded,
+    QueueUnavailable,
+    ServiceError,
+    as_service_error,
+)
 from serve_app.contract.events import QUEUE_JOB, FinalEvent, ProgressEvent
 from serve_app.contract.queue import LogEntry
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.client import GenerationCall, GenerationClient
-from serve_app.queue.feed import FeedChanges, JobFeed, JobSnapshot
 from serve_app.queue.metrics import QueueMetrics
 from serve_app.queue.records import CancelOutcome, JobRecord
-from serve_app.queue.store import JobStore
-from serve_app.queue.webhooks import deliver, webhook_payload
+from serve_app.queue.store import (
+    Claim,
+    FeedChanges,
+    JobSnapshot,
+    JobStore,
+    StoreFull,
+    StoreUnavailable,
+    WebhookDelivery,
+)
+from serve_app.queue.webhooks import WebhookSender, webhook_payload
+from serve_app.waiting import wait_event
 
 logger = logging.getLogger("ray.serve")
 
 DISPATCH_AHEAD = 1  # jobs waiting for a model replica beyond the free ones: the autoscaler's signal
-DISPATCH_POLL_S = 0.5  # how often the queue is checked without a wake-up (claims by other replicas, leases)
+DISPATCH_POLL_S = 0.5  # how often the queue is checked without a wake-up (other replicas' submits, leases)
+VERSION_POLL_S = 0.1  # how often the store's feed version is read: what other replicas changed
 OVERLOAD_RETRY_S = 1.0
+STORE_BACKOFF_S = (0.05, 2.0)  # first and longest wait between tries while the store does not answer
+SWEEP_EVERY_S = 60.0
+WEBHOOK_POLL_S = 0.5
+
+T = TypeVar("T")
 
 
 class Submitted(BaseModel):
@@ -48,12 +81,33 @@ class Submitted(BaseModel):
 
 
 @dataclass
-class _Dispatched:
-    record: JobRecord
+class _Run:
+    """A claimed job in this replica: its generation, its token, its logs waiting to be written."""
+
+    claim: Claim
     call: GenerationCall | None = None
-    started: bool = False
-    cancelled: bool = False
+    generating: bool = False  # a model replica took it: it is no longer in the queue order
+    cancelled: bool = False  # the client cancelled it
+    stale: bool = False  # the claim is no longer this run's: it writes nothing more
+    logs: list[LogEntry] = field(default_factory=list)
+    logs_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    logs_writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one batch at a time, in order
     task: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def request_id(self) -> str:
+        return self.claim.record.request_id
+
+    def stop(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+
+
+@dataclass
+class _Outcome:
+    final: FinalEvent | None = None
+    error: ServiceError | None = None
+    replica_died: bool = False
 
 
 class JobDispatcher:
@@ -64,244 +118,448 @@ class JobDispatcher:
         config: QueueConfig,
         app_id: str,
         metrics: QueueMetrics | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         self._store = store
         self._generation = generation
         self._config = config
         self._app_id = app_id
         self._metrics = metrics or QueueMetrics()
-        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.feed = JobFeed(finished_ttl_s=config.result_ttl_s)
-        self._dispatched: dict[str, _Dispatched] = {}  # in dispatch order
-        self._wake = asyncio.Event()
+        self._webhooks = webhooks or WebhookSender(config.webhook_timeout_s)
+        self._runs: dict[str, _Run] = {}  # in dispatch order
+        self._wake = asyncio.Event()  # something to dispatch (a submit, a run ended)
+        self._feed_changed = asyncio.Event()
+        self._feed_version: tuple[str, int] = ("", 0)
         self._dispatching = asyncio.Lock()
+        self._healthy_since: float | None = None  # monotonic: since when every store call was answered
+        self._outage_logged = False
+        self._claiming = True
+        self._closed = False  # loops check it too: a Redis client can swallow a cancel that lands mid-command
+        self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
-        self._loop_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Publish the jobs the store already holds (after a restart), then dispatch until `close`."""
-        await self._load_unfinished()
-        self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+        """Dispatch, deliver webhooks, sweep expired jobs and follow the store's feed, until `close`."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._forever(self._dispatch_once, DISPATCH_POLL_S, self._wake)),
+            loop.create_task(self._forever(self._deliver_webhooks, WEBHOOK_POLL_S)),
+            loop.create_task(self._forever(self._sweep, SWEEP_EVERY_S)),
+            loop.create_task(self._forever(self._watch_feed, VERSION_POLL_S)),
+        ]
 
-    async def close(self) -> None:
-        """Stop dispatching and running jobs (their leases lapse; another replica takes them over)."""
-        tasks = [self._loop_task, *(job.task for job in self._dispatched.values()), *self._background]
+    async def close(self, handoff_wait_s: float = 0.0) -> None:
+        """Stop. With `handoff_wait_s`, this replica is shutting down: it claims nothing more, hands the
+        jobs no model replica has taken yet back to the queue at once, gives running jobs that long to
+        finish, then hands those back too. Without it (a crash, a test), leases lapse as they would."""
+        self._claiming = False
+        if handoff_wait_s > 0:
+            await self._hand_back([run for run in self._runs.values() if not run.generating])
+            running = [run.task for run in self._runs.values() if run.task is not None]
+            if running:
+                await asyncio.wait(running, timeout=handoff_wait_s)
+            await self._hand_back(list(self._runs.values()))
+        self._closed = True
+        tasks = [*self._tasks, *(run.task for run in self._runs.values() if run.task), *self._background]
         for task in tasks:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(task for task in tasks if task is not None), return_exceptions=True)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the queue API -----------------------------------------------------------------------
 
-    async def submit(self, request: ResolvedRequest, webhook_url: str | None) -> Submitted:
-        """Queue a job. Raises `Overloaded` when the queue is full."""
-        record = JobRecord(app_id=self._app_id, request=request.model_dump(), webhook_url=webhook_url)
-        record.logs.append(LogEntry.now("Queued"))
-        await self._store.submit(record, self._config.max_queued)
-        self.feed.put(JobSnapshot.of(record))
-        await self._dispatch_once()  # dispatched now if a replica can take it: positions are settled
-        queued = self.feed.queued()
-        position = queued.index(record.request_id) if record.request_id in queued else 0
+    async def submit(
+        self, request: ResolvedRequest, webhook_url: str | None, owner: str, priority: int = 0
+    ) -> Submitted:
+        """Queue a job. Raises `QueueFull`/`Overloaded` (503) when the queue or the store is full, and
+        `QueueUnavailable` (503) when the store does not answer within `store_wait_s`: never for a job
+        that was stored (a submit the store took is retried with its id, which answers the same)."""
+        record = JobRecord(
+            app_id=self._app_id,
+            owner=owner,
+            request=request.model_dump(),
+            webhook_url=webhook_url,
+            priority=priority,
+            logs=[LogEntry.now("Queued")],
+        )
+        deadline = time.monotonic() + self._config.store_wait_s
+        try:
+            position = await self._store_call(
+                lambda: self._store.submit(record, self._config.max_queued, priority), until=deadline
+            )
+        except StoreUnavailable as error:
+            self._spawn(self._withdraw(record.request_id))  # if the store took it after all, it never runs
+            raise QueueUnavailable(retry_after_s=self._config.store_wait_s) from error
+        except StoreFull as error:
+            raise Overloaded("the job store is full; retry later", retry_after_s=5) from error
+        self._poke_feed()
+        self._wake.set()
         return Submitted(snapshot=JobSnapshot.of(record), position=position)
 
-    async def changes(self, epoch: str, since: int, timeout_s: float) -> FeedChanges:
-        """The feed the ingress replicas follow (a long poll)."""
-        return await self.feed.changes(epoch, since, timeout_s)
+    async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
+        """The feed the ingress replicas follow (a long poll): the store's changes since `since`, as soon
+        as there are any; an answer without changes after `timeout_s` (or while the store is away)."""
+        deadline = time.monotonic() + timeout_s
+        unchanged = FeedChanges(
+            epoch=epoch, version=since, queue_version=queue_since, reset=False, jobs=[], queued=None
+        )
+        try:
+            while await self._store.version() == (epoch, since):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return unchanged
+                await wait_event(self._feed_changed, remaining)  # woken by the feed watcher, or this replica's writes
+            return await self._store.changes(epoch, since, queue_since)
+        except StoreUnavailable:
+            await asyncio.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+            return unchanged
 
     async def snapshot(self, request_id: str) -> JobSnapshot | None:
-        """A job the caller's mirror does not know (yet): from the feed, else from the store."""
-        snapshot = self.feed.get(request_id)
-        if snapshot is None:
-            record = await self._store.get(request_id)
-            snapshot = JobSnapshot.of(record) if record else None
-        return snapshot
+        """A job a mirror does not know (yet), from the store."""
+        return await self._read(lambda: self._store.snapshot(request_id))
+
+    async def audit(self, held: list[JobSnapshot]) -> list[JobSnapshot]:
+        """Unfinished jobs a mirror holds that it has heard nothing of for a while: the store's word on
+        each. Those the store no longer has were lost while accepted: they complete with `job_lost`."""
+        found = await self._read(lambda: self._store.exists([snapshot.request_id for snapshot in held]))
+        lost = [snapshot for snapshot, exists in zip(held, found, strict=True) if not exists]
+        if lost:
+            jobs = [(snapshot.request_id, snapshot.owner, snapshot.webhook_url) for snapshot in lost]
+            written = await self._read(lambda: self._store.mark_lost(jobs, JobLost().body()))
+            for request_id in written:
+                logger.warning("Job %s was accepted, then lost by the job store: completed as job_lost", request_id)
+                self._metrics.job_finished("failed", JobLost.error_type)
+            self._poke_feed()
+        snapshots = []
+        for snapshot in held:
+            found = await self._read(lambda request_id=snapshot.request_id: self._store.snapshot(request_id))
+            if found is not None:
+                snapshots.append(found)
+        return snapshots
 
     async def result(self, request_id: str) -> JobRecord | None:
-        """The record of a job (with its result or error); None when unknown or expired."""
-        return await self._store.get(request_id)
+        """The record of a job (with its result or error); None when unknown or evicted."""
+        return await self._read(lambda: self._store.get(request_id))
 
     async def file(self, key: str) -> tuple[bytes, str] | None:
-        return await self._store.get_file(key)
+        return await self._read(lambda: self._store.get_file(key))
 
-    async def cancel(self, request_id: str) -> CancelOutcome:
+    async def cancel(self, request_id: str, owner: str | None) -> CancelOutcome:
         """fal's cancel: "removed" (was queued), "requested" (running: stops at the next step),
-        "completed" or "unknown"."""
-        outcome = await self._store.cancel(request_id)
+        "completed" or "unknown" (also for another owner's job)."""
+        outcome = await self._read(lambda: self._store.cancel(request_id, owner))
         if outcome == "removed":
-            record = await self._store.get(request_id)
-            if record is not None:
-                self.feed.put(JobSnapshot.of(record))
-                await self._after_finish(record)
-            await self._publish_queue()
-        elif outcome == "requested":
-            dispatched = self._dispatched.get(request_id)
-            if dispatched is not None:  # else another job-queue replica holds it: it sees the flag on renewal
-                dispatched.cancelled = True
-                if dispatched.call is not None:
-                    dispatched.call.cancel()  # the model replica stops at the next step
+            self._metrics.job_finished("cancelled", Cancelled.error_type)
+        elif outcome == "requested" and (run := self._runs.get(request_id)) is not None:
+            run.cancelled = True  # else another replica runs it: it sees the request on its next renewal
+            run.stop()
+        self._poke_feed()
         return outcome
 
     def stats(self) -> dict:
-        return {"dispatched": len(self._dispatched), "owner": self.owner}
+        return {"dispatched": len(self._runs), "claiming": self._claiming}
+
+    # --- the store, waited for --------------------------------------------------------------
+
+    async def _store_call(self, call: Callable[[], Awaitable[T]], until: float | None = None) -> T:
+        """`call` until the store answers: while it does not, wait and try again (backoff), for ever or
+        until `until` (monotonic; then `StoreUnavailable`)."""
+        delay = STORE_BACKOFF_S[0]
+        while True:
+            if self._closed:  # stopping: a cancel a Redis client swallowed mid-command must not be lost
+                raise asyncio.CancelledError
+            try:
+                answer = await call()
+            except StoreUnavailable as error:
+                self._unanswered(error)
+                if until is not None and time.monotonic() + delay > until:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_BACKOFF_S[1])
+                continue
+            self._answered()
+            return answer
+
+    def _answered(self) -> None:
+        if self._healthy_since is None:
+            self._healthy_since = time.monotonic()
+            if self._outage_logged:
+                logger.warning("The job store answers again")
+                self._outage_logged = False
+
+    def _unanswered(self, error: StoreUnavailable) -> None:
+        """Outages are logged once, with their end."""
+        self._healthy_since = None
+        if not self._outage_logged:
+            logger.warning("The job store does not answer (%s); waiting for it", error)
+            self._outage_logged = True
+
+    async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A call a client waits for: the store gets `store_wait_s`, then the client gets 503."""
+        try:
+            return await self._store_call(call, until=time.monotonic() + self._config.store_wait_s)
+        except StoreUnavailable as error:
+            raise QueueUnavailable(retry_after_s=self._config.store_wait_s) from error
+
+    def _may_requeue_lapsed_leases(self) -> bool:
+        """Only after the store has answered this replica for a whole lease: an owner cut off by an
+        outage has had its chance to renew."""
+        healthy = self._healthy_since
+        return healthy is not None and time.monotonic() - healthy >= self._config.lease_s
 
     # --- dispatching --------------------------------------------------------------------------
 
-    async def _load_unfinished(self) -> None:
-        """After a restart (Redis store): publish the jobs still queued or running."""
-        for request_id in [*await self._store.running_ids(), *await self._store.queued_ids()]:
-            if (record := await self._store.get(request_id)) is not None:
-                self.feed.put(JobSnapshot.of(record))
-        await self._publish_queue()
-
-    async def _dispatch_forever(self) -> None:
-        while True:
+    async def _forever(self, step: Callable[[], Awaitable[None]], period_s: float, wake: asyncio.Event | None = None):
+        while not self._closed:
             try:
-                await self._dispatch_once()
-            except Exception:  # noqa: BLE001 - e.g. Redis briefly away: keep dispatching once it is back
-                logger.exception("Dispatching jobs failed; retrying")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), DISPATCH_POLL_S)
+                await step()
+                self._answered()  # every loop's step asks the store: this is how an outage's end is seen
+            except StoreUnavailable as error:
+                self._unanswered(error)
+            except Exception:  # noqa: BLE001 - a loop of the job queue must outlive any one failure
+                logger.exception("The job queue's %s failed; retrying", step.__name__)
+            if wake is None:
+                await asyncio.sleep(period_s)
+                continue
+            wake.clear()
+            await wait_event(wake, period_s)
 
     async def _dispatch_once(self) -> None:
-        """Requeue jobs of dead owners, claim what the replicas can take, publish the queue order."""
-        async with self._dispatching:  # the loop and submits: one pass at a time, or both could over-claim
-            for request_id in await self._store.reclaim_expired(self._config.max_attempts):
-                record = await self._republish(request_id)
-                if record is not None and record.state == "COMPLETED":  # gave up after max_attempts
-                    await self._after_finish(record)
-            # Only with a backlog: counting replicas may ask the controller.
-            capacity = max(1, await self._generation.ready_replicas()) if await self._store.queued_ids() else 0
-            while len(self._dispatched) < capacity + DISPATCH_AHEAD:
-                record = await self._store.claim(self.owner, self._config.lease_s)
-                if record is None:
+        """Requeue the jobs of dead owners, claim what the model replicas can take."""
+        async with self._dispatching:
+            if self._may_requeue_lapsed_leases():
+                for request_id in await self._store.reclaim_expired(self._config.max_attempts):
+                    logger.warning("Job %s lost its job-queue replica: requeued or failed", request_id)
+                    self._poke_feed()
+            waiting = await self._store.waiting()
+            self._metrics.queue_depth(waiting + sum(not run.generating for run in self._runs.values()))
+            if not self._claiming or not waiting:
+                return
+            capacity = max(1, await self._generation.ready_replicas())  # only with a backlog: it may ask Serve
+            while self._claiming and len(self._runs) < capacity + DISPATCH_AHEAD:
+                claim = await self._store_call(lambda: self._store.claim(self._config.lease_s))
+                if claim is None:
                     break
-                self._dispatch(record)
-            await self._publish_queue()
+                self._poke_feed()
+                run = _Run(claim)
+                self._runs[run.request_id] = run
+                run.task = asyncio.get_running_loop().create_task(self._run(run))
 
-    def _dispatch(self, record: JobRecord) -> None:
-        dispatched = _Dispatched(record)
-        self._dispatched[record.request_id] = dispatched
-        dispatched.task = asyncio.get_running_loop().create_task(self._run(dispatched))
-
-    async def _run(self, dispatched: _Dispatched) -> None:
-        record = dispatched.record
-        lease = asyncio.get_running_loop().create_task(self._keep_lease(dispatched))
-        error: ServiceError | None = None
-        result: dict | None = None
+    async def _run(self, run: _Run) -> None:
+        loop = asyncio.get_running_loop()
+        helpers = [loop.create_task(self._keep_lease(run)), loop.create_task(self._write_logs(run))]
         try:
-            result, error = await self._generate(dispatched)
-        except Exception as failure:  # noqa: BLE001 - every job ends COMPLETED, with a result or an error
-            logger.exception("Job %s failed", record.request_id)
-            error = as_service_error(failure)
+            outcome = await self._generate(run)
+            await self._conclude(run, outcome)
+        except asyncio.CancelledError:
+            run.stop()  # this replica stops: so does the generation; the lease lapses
+            raise
+        except Exception:  # noqa: BLE001 - a bug here must not leave the job to its lease alone
+            logger.exception("Job %s failed in the job queue", run.request_id)
+            await self._conclude(run, _Outcome(error=as_service_error(Exception())))
         finally:
-            lease.cancel()
-            self._dispatched.pop(record.request_id, None)
+            for helper in helpers:
+                helper.cancel()
+            self._runs.pop(run.request_id, None)
             self._wake.set()
-        inference_time = result["timings"]["inference"] if result else None
-        job_error = error.body() if error else None
-        if await self._store.finish(
-            record.request_id, self.owner, result=result, error=job_error, inference_time=inference_time
-        ):
-            done = await self._store.get(record.request_id)
-            if done is not None:
-                self.feed.put(JobSnapshot.of(done))
-                await self._after_finish(done)
-        else:  # the lease was lost: whoever completed the job sent its webhook and counted it
-            await self._republish(record.request_id)
 
-    async def _generate(self, dispatched: _Dispatched) -> tuple[dict | None, ServiceError | None]:
-        """Run the job on a model replica; (result, None) or (None, error)."""
-        record = dispatched.record
-        request = ResolvedRequest.model_validate(record.request)
+    async def _generate(self, run: _Run) -> _Outcome:
+        """The job on a model replica: its final event, or why not."""
+        try:
+            request = ResolvedRequest.model_validate(run.claim.record.request)
+        except ValueError:
+            logger.exception("Job %s has a request this version cannot run", run.request_id)
+            return _Outcome(error=as_service_error(ValueError()))
 
         async def on_progress(event: ProgressEvent) -> None:
-            await self._log(dispatched, f"step {event.step + 1}/{event.num_inference_steps}")
+            if not run.generating:
+                run.generating = True
+                self._metrics.waited(max(0.0, time.time() - run.claim.record.submitted_at))
+                self._log(run, "Started")
+            self._log(run, f"step {event.step + 1}/{event.num_inference_steps}")
 
         while True:
-            if dispatched.cancelled:
-                return None, Cancelled("the job was cancelled")
-            dispatched.call = self._generation.events(request, QUEUE_JOB)
+            if run.cancelled or run.stale:
+                return _Outcome(error=Cancelled("the job was cancelled"))
+            run.call = self._generation.events(request, QUEUE_JOB)
             try:
-                final = await dispatched.call.result(on_progress=on_progress)
-            except asyncio.CancelledError:  # this replica stops: so does the generation
-                dispatched.call.cancel()
-                raise
+                return _Outcome(final=await run.call.result(on_progress=on_progress))
             except Overloaded:
                 await asyncio.sleep(OVERLOAD_RETRY_S)  # every model queue is full of streams: wait, still queued
-                continue
             except ServiceError as error:
-                if dispatched.cancelled:
-                    return None, Cancelled("the job was cancelled while running")
-                return None, error
-            await self._log(dispatched, "Completed")
-            return await self._stored_result(record, final), None
+                if run.cancelled:
+                    return _Outcome(error=Cancelled("the job was cancelled while running"))
+                return _Outcome(error=error, replica_died=error.retryable)
 
-    async def _log(self, dispatched: _Dispatched, message: str) -> None:
-        """A log line for a running job; the first one marks it started."""
-        record = dispatched.record
-        if not dispatched.started:
-            dispatched.started = True
-            self._metrics.waited(max(0.0, time.time() - record.submitted_at))
-            await self._append_log(record, "Started")
-            await self._publish_queue()
-        await self._append_log(record, message)
+    def _log(self, run: _Run, message: str) -> None:
+        """Written behind the run (`_write_logs`): the store being away never holds a generation up."""
+        run.logs.append(LogEntry.now(message))
+        run.logs_ready.set()
 
-    async def _append_log(self, record: JobRecord, message: str) -> None:
-        record.logs.append(LogEntry.now(message))
-        await self._store.append_logs(record.request_id, [record.logs[-1]])
-        self.feed.put(JobSnapshot.of(record, state="IN_PROGRESS"))
+    async def _write_logs(self, run: _Run) -> None:
+        while not self._closed:
+            await run.logs_ready.wait()
+            await self._flush_logs(run)
 
-    async def _stored_result(self, record: JobRecord, final: FinalEvent) -> dict:
-        """fal's result: with `sync_mode` the images inline as data URIs, else stored and linked by a
-        path the ingress makes absolute (`/files/...`) with the host the client used."""
+    async def _flush_logs(self, run: _Run) -> None:
+        """Write the logs waiting, after any batch still being written (through an outage, for as long as
+        it lasts): every line, in order."""
+        async with run.logs_writing:
+            run.logs_ready.clear()
+            batch, run.logs = run.logs, []
+            if not batch or run.stale:
+                return
+            request_id, token = run.request_id, run.claim.token
+            if batch[0].message == "Started":
+                kept = await self._store_call(lambda: self._store.start(request_id, token, batch))
+            else:
+                kept = await self._store_call(lambda: self._store.append_logs(request_id, token, batch))
+        self._poke_feed()
+        if not kept:
+            self._lost_claim(run)
+
+    async def _keep_lease(self, run: _Run) -> None:
+        """Renew the lease until the run ends (through outages: the run goes on meanwhile). A claim now
+        someone else's stops the run at once; so does a cancel asked through another replica."""
+        while not self._closed:
+            await asyncio.sleep(self._config.lease_s / 3)
+            renewed = await self._store_call(
+                lambda: self._store.renew(run.request_id, run.claim.token, self._config.lease_s)
+            )
+            if renewed == "lost":
+                self._lost_claim(run)
+                return
+            if renewed == "cancel" and not run.cancelled:
+                run.cancelled = True
+                run.stop()
+
+    def _lost_claim(self, run: _Run) -> None:
+        if not run.stale:
+            logger.warning(
+                "Job %s: attempt %s lost its claim to another run; stopping it", run.request_id, run.claim.token
+            )
+        run.stale = True
+        run.stop()
+
+    async def _conclude(self, run: _Run, outcome: _Outcome) -> None:
+        """Write how the run ended, waiting for the store as long as it takes (the result is kept meanwhile);
+        nothing at all if the claim went to another run."""
+        request_id, token = run.request_id, run.claim.token
+        if outcome.final is not None:
+            self._log(run, "Completed")
+        await self._flush_logs(run)
+        if run.stale:
+            return
+        if outcome.replica_died:
+            requeued = await self._store_call(lambda: self._store.requeue(request_id, token, self._config.max_attempts))
+            logger.warning("Job %s: its model replica failed (attempt %s): %s", request_id, token, requeued)
+            if requeued == "failed":
+                self._metrics.job_finished("failed", outcome.error.error_type)
+            self._poke_feed()
+            return
+        result = None
+        if outcome.final is not None:
+            result = await self._stored_result(run, outcome.final)
+            if result is None:
+                return  # the claim went stale while storing files
+        error = outcome.error.body() if outcome.error is not None and outcome.final is None else None
+        inference_time = outcome.final.timings.inference if outcome.final is not None else None
+        finished = await self._store_call(
+            lambda: self._store.finish(request_id, token, result=result, error=error, inference_time=inference_time)
+        )
+        if finished == "missing":  # the store lost the job while it ran: the run's result is still its
+            record = run.claim.record.model_copy(
+                update={"state": "COMPLETED", "result": result, "error": error, "inference_time": inference_time}
+            )
+            await self._store_call(lambda: self._store.restore(record))
+            finished = "completed"
+        if finished == "completed":
+            error_type = error.error_type if error else ""
+            self._metrics.job_finished(
+                "completed" if error is None else "cancelled" if error_type == "cancelled" else "failed", error_type
+            )
+        self._poke_feed()
+
+    async def _stored_result(self, run: _Run, final: FinalEvent) -> dict | None:
+        """fal's result: with `sync_mode` the images inline as data URIs, else stored under a token of their
+        own (`/files/<token>/<i>.<ext>`: a file URL reveals nothing but the file). None when the claim went
+        stale meanwhile; inline when the store lost the job (nothing holds files for it any more)."""
         result = final.result()
-        if not record.request.get("sync_mode"):
+        if not run.claim.record.request.get("sync_mode"):
+            file_token = secrets.token_urlsafe(18)
             for index, image in enumerate(result.images):
-                header, data = image.url.split(",", 1)
-                extension = image.content_type.split("/")[1]
-                key = f"{record.request_id}/{index}.{extension}"
-                await self._store.put_file(key, base64.b64decode(data), image.content_type)
+                data = base64.b64decode(image.url.split(",", 1)[1])
+                key = f"{file_token}/{index}.{image.content_type.split('/')[1]}"
+                stored = await self._store_call(
+                    lambda key=key, data=data, image=image: self._store.put_file(
+                        run.request_id, run.claim.token, key, data, image.content_type
+                    )
+                )
+                if stored == "stale":
+                    self._lost_claim(run)
+                    return None
+                if stored == "missing":
+                    return final.result().model_dump()
                 image.url = f"/files/{key}"
         return result.model_dump()
 
-    async def _keep_lease(self, dispatched: _Dispatched) -> None:
-        """Renew the job's lease until it ends; a lost lease (or a cancel through another replica) stops it."""
-        request_id = dispatched.record.request_id
-        while True:
-            await asyncio.sleep(self._config.lease_s / 3)
-            kept = await self._store.renew(request_id, self.owner, self._config.lease_s)
-            record = await self._store.get(request_id)
-            if not kept or (record is not None and record.cancel_requested):
-                dispatched.cancelled = dispatched.cancelled or (record is not None and record.cancel_requested)
-                if dispatched.call is not None:
-                    dispatched.call.cancel()
-                if not kept:
-                    return
+    async def _hand_back(self, runs: list[_Run]) -> None:
+        """Give jobs back to the queue front now, not after their leases lapse (this replica stops)."""
+        for run in runs:
+            run.stale = True
+            run.stop()
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.release(run.request_id, run.claim.token, ran=run.generating)
+        self._poke_feed()
 
-    async def _publish_queue(self) -> None:
-        waiting = [request_id for request_id, job in self._dispatched.items() if not job.started]
-        queued = waiting + await self._store.queued_ids()
-        self.feed.set_queue(queued)
-        self._metrics.queue_depth(len(queued))
+    async def _withdraw(self, request_id: str) -> None:
+        """A submit answered 503 because the store did not answer: if it took the job after all, remove it,
+        and refuse the submit if it arrives late (a job must never run for a client told it was refused)."""
+        await self._store_call(lambda: self._store.withdraw(request_id))
 
-    async def _republish(self, request_id: str) -> JobRecord | None:
-        """Publish the store's record of a job that another path changed."""
-        if (record := await self._store.get(request_id)) is not None:
-            self.feed.put(JobSnapshot.of(record))
-        return record
+    # --- the feed, sweeps and webhooks -------------------------------------------------------
 
-    async def _after_finish(self, record: JobRecord) -> None:
-        error_type = record.error.error_type if record.error else ""
-        outcome = "completed" if record.error is None else "cancelled" if error_type == "cancelled" else "failed"
-        self._metrics.job_finished(outcome, error_type)
-        if record.webhook_url:
-            payload = webhook_payload(record)
-            self._spawn(
-                deliver(record.webhook_url, payload, self._config.webhook_timeout_s, self._config.webhook_attempts)
-            )
+    async def _watch_feed(self) -> None:
+        """Wake the long polls when the store's version moves (this replica's writes, or another's)."""
+        version = await self._store.version()
+        if version != self._feed_version:
+            self._feed_version = version
+            self._poke_feed()
 
-    def _spawn(self, coroutine) -> None:
+    def _poke_feed(self) -> None:
+        self._feed_changed.set()
+        self._feed_changed = asyncio.Event()  # waiters hold the old one, already set
+
+    async def _sweep(self) -> None:
+        await self._store.sweep()
+        for reason, count in (await self._store.take_evictions()).items():
+            self._metrics.evicted(reason, count)
+
+    async def _deliver_webhooks(self) -> None:
+        """Deliveries due, from the store's outbox, each leased to this replica while it tries once."""
+        lease_s = self._config.webhook_timeout_s * 2 + 5
+        for delivery in await self._store.due_webhooks(lease_s):
+            self._spawn(self._deliver(delivery))
+
+    async def _deliver(self, delivery: WebhookDelivery) -> None:
+        body = delivery.body
+        if not body:  # the first attempt: the body every attempt sends, made from the record once
+            record = await self._store_call(lambda: self._store.get(delivery.request_id))
+            if record is None:
+                logger.warning("Webhook for %s: the job is gone before its first attempt", delivery.request_id)
+                await self._store_call(lambda: self._store.settle_webhook(delivery.request_id, None))
+                return
+            made = webhook_payload(record).model_dump_json()
+            body = await self._store_call(lambda: self._store.keep_webhook_body(delivery.request_id, made))
+        sent = await self._webhooks.send(delivery.url, delivery.request_id, body)
+        retry_in = None
+        if sent == "retry" and delivery.attempt < self._config.webhook_attempts:
+            retry_in = self._config.webhook_retry_base_s * 2 ** (delivery.attempt - 1)
+        elif sent == "retry":
+            logger.warning("Webhook for %s: given up after %d attempts", delivery.request_id, delivery.attempt)
+        self._metrics.webhook("retrying" if retry_in is not None else "given_up" if sent == "retry" else sent)
+        await self._store_call(lambda: self._store.settle_webhook(delivery.request_id, retry_in))
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._background.discard)

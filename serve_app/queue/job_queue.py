@@ -1,7 +1,8 @@
 """The job-queue deployment: a `JobDispatcher` over the configured store and the model deployment.
 
-The generation client class is injected (as Ray Serve LLM injects its engine class): the Serve
-client over the SDXL deployment's handle by default.
+Several replicas share a Redis store (one feed, fenced claims, one outbox); with the in-process store
+run one. The generation client class is injected (as Ray Serve LLM injects its engine class): the
+Serve client over the SDXL deployment's handle by default.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import QueueConfig
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.serve import ServeGenerationClient
-from serve_app.queue import open_job_store
+from serve_app.queue import StoreLimits, open_job_store
 from serve_app.queue.dispatcher import JobDispatcher, Submitted
-from serve_app.queue.feed import FeedChanges, JobSnapshot
 from serve_app.queue.metrics import ServeQueueMetrics
 from serve_app.queue.records import CancelOutcome, JobRecord
+from serve_app.queue.store import FeedChanges, JobSnapshot
 
 
 @serve.deployment
@@ -30,20 +31,26 @@ class JobQueue:
         app_id: str,
         generation_client_cls: type = ServeGenerationClient,
     ) -> None:
-        store = open_job_store(_redis_url(config), app_id=app_id, result_ttl_s=config.result_ttl_s)
+        self._config = config
+        store = open_job_store(_redis_url(config), app_id=app_id, limits=store_limits(config))
         self._dispatcher = JobDispatcher(
             store, generation_client_cls(sdxl), config, app_id, metrics=ServeQueueMetrics()
         )
         await self._dispatcher.start()
 
-    async def submit(self, request: ResolvedRequest, webhook_url: str | None) -> Submitted:
-        return await self._dispatcher.submit(request, webhook_url)
+    async def submit(
+        self, request: ResolvedRequest, webhook_url: str | None, owner: str, priority: int = 0
+    ) -> Submitted:
+        return await self._dispatcher.submit(request, webhook_url, owner, priority)
 
-    async def changes(self, epoch: str, since: int, timeout_s: float) -> FeedChanges:
-        return await self._dispatcher.changes(epoch, since, timeout_s)
+    async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
+        return await self._dispatcher.changes(epoch, since, queue_since, timeout_s)
 
     async def snapshot(self, request_id: str) -> JobSnapshot | None:
         return await self._dispatcher.snapshot(request_id)
+
+    async def audit(self, held: list[JobSnapshot]) -> list[JobSnapshot]:
+        return await self._dispatcher.audit(held)
 
     async def result(self, request_id: str) -> JobRecord | None:
         return await self._dispatcher.result(request_id)
@@ -51,11 +58,28 @@ class JobQueue:
     async def file(self, key: str) -> tuple[bytes, str] | None:
         return await self._dispatcher.file(key)
 
-    async def cancel(self, request_id: str) -> CancelOutcome:
-        return await self._dispatcher.cancel(request_id)
+    async def cancel(self, request_id: str, owner: str | None) -> CancelOutcome:
+        return await self._dispatcher.cancel(request_id, owner)
 
     def stats(self) -> dict:
-        return self._dispatcher.stats()
+        return {"pid": os.getpid(), **self._dispatcher.stats()}
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops (a redeploy, a scale-down): the jobs it holds go back to
+        the queue now rather than after their leases."""
+        dispatcher = getattr(self, "_dispatcher", None)  # None if __init__ failed before it
+        if dispatcher is not None:
+            await dispatcher.close(handoff_wait_s=self._config.shutdown_handoff_s)
+
+
+def store_limits(config: QueueConfig) -> StoreLimits:
+    return StoreLimits(
+        result_ttl_s=config.result_ttl_s,
+        max_finished_jobs=config.max_finished_jobs,
+        max_finished_bytes=config.max_finished_bytes,
+        max_finished_jobs_per_owner=config.max_finished_jobs_per_client,
+        max_finished_bytes_per_owner=config.max_finished_bytes_per_client,
+    )
 
 
 def _redis_url(config: QueueConfig) -> str | None:

@@ -15,6 +15,12 @@ class QueueMetrics:
     def waited(self, seconds: float) -> None:
         """A job started this long after its submission."""
 
+    def evicted(self, reason: str, count: int) -> None:
+        """Finished jobs forgotten: `expired` (the result TTL) or a cap."""
+
+    def webhook(self, outcome: str) -> None:
+        """One webhook attempt: delivered, refused (a 4xx), retrying, given_up."""
+
 
 class ServeQueueMetrics(QueueMetrics):
     def __init__(self) -> None:
@@ -33,6 +39,16 @@ class ServeQueueMetrics(QueueMetrics):
             description="From a job's submission to the start of its generation.",
             boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
         )
+        self._evictions = Counter(
+            "sdxl_job_evictions_total",
+            description="Finished jobs forgotten: expired (the result TTL), or evicted past a cap.",
+            tag_keys=("reason",),
+        )
+        self._webhooks = Counter(
+            "sdxl_webhook_attempts_total",
+            description="Webhook attempts by outcome: delivered, refused, retrying, given_up.",
+            tag_keys=("outcome",),
+        )
 
     def job_finished(self, outcome: str, error_type: str) -> None:
         self._jobs.inc(tags={"outcome": outcome, "error_type": error_type})
@@ -42,3 +58,9 @@ class ServeQueueMetrics(QueueMetrics):
 
     def waited(self, seconds: float) -> None:
         self._wait.observe(seconds)
+
+    def evicted(self, reason: str, count: int) -> None:
+        self._evictions.inc(count, tags={"reason": reason})
+
+    def webhook(self, outcome: str) -> None:
+        self._webhooks.inc(tags={"outcome": outcome})

@@ -1,7 +1,7 @@
-"""A queued job as both stores keep it: a pydantic model that round-trips through JSON.
+"""A queued job as the store keeps it: a pydantic model that round-trips through the store's hash.
 
 The job-queue deployment reads these to answer fal's queue API (status, logs, result) and to dispatch
-work; the constructors below are the only errors a store makes itself.
+work; the constructors below are the errors the store writes itself.
 """
 
 from __future__ import annotations
@@ -13,22 +13,26 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from serve_app.contract.errors import Cancelled, ErrorBody, ReplicaFailed
-from serve_app.contract.queue import JobState, LogEntry
+from serve_app.contract.queue import ANONYMOUS_OWNER, JobState, LogEntry
 
 CancelOutcome = Literal["unknown", "completed", "removed", "requested"]
 
 
 class JobRecord(BaseModel):
-    """One job from submission to completion; `request` is its `ResolvedRequest` as a dict."""
+    """One job from submission to completion; `request` is its `ResolvedRequest` as a dict (None once a
+    job cancelled before it started keeps only its status)."""
 
     request_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     app_id: str
-    request: dict
+    owner: str = Field(default=ANONYMOUS_OWNER, description="A hash of the API key that submitted it.")
+    request: dict | None = None
     state: JobState = "IN_QUEUE"
+    priority: int = Field(default=0, description="0 normal, 1 low: a low job waits behind every normal one.")
     submitted_at: float = Field(default_factory=time.time, description="Unix seconds.")
     started_at: float | None = Field(default=None, description="Unix seconds of the current attempt's claim.")
     finished_at: float | None = None
-    attempts: int = Field(default=0, description="Claims so far; a lease expiry re-queues until `max_attempts`.")
+    attempts: int = Field(default=0, description="Claims so far: the current one's fencing token.")
+    generating: bool = Field(default=False, description="A model replica took the current attempt.")
     logs: list[LogEntry] = Field(default_factory=list)
     result: dict | None = None
     error: ErrorBody | None = None
@@ -42,10 +46,10 @@ def cancelled_error() -> ErrorBody:
 
 
 def cancelled_while_orphaned_error() -> ErrorBody:
-    """A running job was cancelled, then its dispatcher died: no point in running it again."""
+    """A running job was cancelled, then its job-queue replica died: no point in running it again."""
     return Cancelled("the job was cancelled while running and its replica stopped").body()
 
 
-def replica_failed_error(max_attempts: int) -> ErrorBody:
-    detail = f"the job-queue replica running the job stopped responding; gave up after {max_attempts} attempts"
+def replica_failed_error(max_attempts: int, which: Literal["model", "job-queue"]) -> ErrorBody:
+    detail = f"the {which} replica running the job failed; gave up after {max_attempts} attempts"
     return ReplicaFailed(detail).body()

@@ -2,13 +2,14 @@
 
 A service that calls any URL a client names is an SSRF hole (cloud metadata, internal admin
 ports), so destinations must match `webhook_allowed_hosts`; a webhook that would not be called
-is refused at submit, never dropped silently later.
+is refused at submit, never dropped silently later. Deliveries go through the store's outbox
+(`JobDispatcher._deliver_webhooks`): at least once, each attempt with the same body.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,17 +20,19 @@ from serve_app.queue.records import JobRecord
 
 logger = logging.getLogger("ray.serve")
 
+Delivery = Literal["delivered", "retry", "refused"]
+
 
 def check_webhook_url(url: str, allowed_hosts: list[str]) -> str:
     """The URL if the config allows calling it; `WebhookNotAllowed` otherwise."""
     if not allowed_hosts:
-        raise WebhookNotAllowed("webhooks are off on this service (`webhook_allowed_hosts` is empty)")
+        raise WebhookNotAllowed("webhooks are off on this service (`queue.webhook_allowed_hosts` is empty)")
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise WebhookNotAllowed("fal_webhook must be an http(s) URL with a host name and no credentials")
     if not any(host == allowed or (allowed.startswith(".") and host.endswith(allowed)) for allowed in allowed_hosts):
-        raise WebhookNotAllowed(f"webhook host {host!r} is not in this service's `webhook_allowed_hosts`")
+        raise WebhookNotAllowed(f"webhook host {host!r} is not in this service's `queue.webhook_allowed_hosts`")
     return url
 
 
@@ -45,20 +48,26 @@ def webhook_payload(record: JobRecord) -> WebhookPayload:
     )
 
 
-async def deliver(url: str, payload: WebhookPayload, timeout_s: float, attempts: int) -> bool:
-    """POST `payload`, retrying transport errors and 5xx with backoff; True once a 2xx came back."""
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
-        for attempt in range(attempts):
-            try:
-                response = await client.post(
-                    url, content=payload.model_dump_json(), headers={"content-type": "application/json"}
-                )
-                if response.is_success:
-                    return True
-                if response.status_code < 500:
-                    logger.warning("Webhook %s refused the result: HTTP %d", url, response.status_code)
-                    return False
-            except httpx.HTTPError as error:
-                logger.warning("Webhook %s failed (attempt %d): %s", url, attempt + 1, error)
-            await asyncio.sleep(min(2**attempt, 30))
-    return False
+class WebhookSender:
+    """One attempt of one delivery; the outbox decides when to try again."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+
+    async def send(self, url: str, request_id: str, body: str) -> Delivery:
+        """ "delivered" on a 2xx, "refused" on another answer a retry would not change (a 4xx but 408 and
+        429), "retry" on anything else (no answer, 5xx). Redirects are not followed."""
+        headers = {"content-type": "application/json"}
+        try:
+            async with httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False) as client:
+                response = await client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            logger.warning("Webhook for %s to %s failed: %s", request_id, url, error)
+            return "retry"
+        if response.is_success:
+            return "delivered"
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            logger.warning("Webhook for %s: %s refused it with HTTP %d", request_id, url, response.status_code)
+            return "refused"
+        logger.warning("Webhook for %s: %s answered HTTP %d", request_id, url, response.status_code)
+        return "retry"
