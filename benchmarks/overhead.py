@@ -345,6 +345,12 @@ def main() -> None:
         "(3) Serve SSE / (4) reference": ratio(rounds, SERVE, REFERENCE),
         "(3) Serve SSE / (3') POST / with the same body": ratio(rounds, SERVE, SERVE_RESULT),
         "(3'') one preview / (3') POST /": ratio(rounds, SERVE_ONE_PREVIEW, SERVE_RESULT),
+        "time to first event (3) - one step, ms": first_event_over_step(rounds, SERVE),
+        "time to first event (4) - one step, ms": first_event_over_step(rounds, REFERENCE),
+        "(3) client total - replica's own total (transport), ms": (
+            min(r[SERVE].total - r[SERVE].replica_total for r in rounds) * 1000,
+            statistics.median(r[SERVE].total - r[SERVE].replica_total for r in rounds) * 1000,
+        ),
     }
 
     if previews > 1:

@@ -199,10 +199,17 @@ class HttpConfig(Section):
         description="Streams, runs and queue jobs (queued or running) one client may have at once on an "
         "ingress replica; beyond: 429 + Retry-After. The client is its API key, else its address. Off: None.",
     )
+    max_polls_per_client_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Status polls (status, its stream, result) one client may make a second on an ingress "
+        "replica, on Serve's port and the status port alike; beyond: 429 + Retry-After. fal_client polls a job "
+        "10 times a second. The client is its API key, else its address. Off: None.",
+    )
     client_address_header: str | None = Field(
         default=None,
         description="Header holding the client's address, set by a trusted front proxy (e.g. 'x-real-ip'); "
-        "used by `max_generations_per_client` without API keys. Never set it without such a proxy.",
+        "used by the per-client limits without API keys. Never set it without such a proxy.",
     )
     keepalive_s: float = Field(
         default=15.0, gt=0, description="Idle seconds before an SSE comment keeps proxies from closing the stream."

@@ -1,4 +1,5 @@
-"""A throwaway `redis-server` for tests: 127.0.0.1, a free port, no persistence.
+"""A throwaway `redis-server` for tests: 127.0.0.1, a free port, no persistence; and `RedisProcess`, one
+the fault tests kill, pause and restart, with its append-only file.
 
 Use the session fixture from any test module with `from tests.redis_server import redis_url`.
 A missing `redis-server` fails the tests that need it (CI installs it), rather than skipping them.
@@ -7,7 +8,9 @@ A missing `redis-server` fails the tests that need it (CI installs it), rather t
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -76,3 +79,45 @@ def redis_url() -> Iterator[str]:
     """URL of a Redis shared by the whole session; give each test its own key prefix."""
     with run_redis_server() as url:
         yield url
+
+
+class RedisProcess:
+    """A `redis-server` on a given port that keeps every write in its append-only file before it answers
+    (`appendfsync always`): killed (SIGKILL) and started again it comes back with everything it acked."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._workdir = workdir
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not on PATH; install it (Debian: apt-get install redis-server)", pytrace=False)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                "--appendfsync", "always", "--dir", str(self._workdir)]  # fmt: skip
+        log = self._workdir / "redis.log"
+        self._process = subprocess.Popen([*args, "--logfile", str(log)])
+        _wait_for_ping(self.url, self._process, log)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last save; what the append-only file holds is what comes back."""
+        self._process.kill()
+        self._process.wait()
+
+    def pause(self) -> None:
+        os.kill(self._process.pid, signal.SIGSTOP)  # connections stay open, nothing answers
+
+    def resume(self) -> None:
+        os.kill(self._process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self.resume()
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()

@@ -86,7 +86,7 @@ async def test_submit_keeps_the_record_and_positions_count_what_is_ahead(store: 
     # Claimed but not taken by a model replica: still ahead of the others for their clients.
     late = new_job("late")
     assert await store.submit(late, max_queued=100) == 3
-    assert await store.start(ids[0], claim.token, [log("Started")])
+    assert await store.start(ids[0], claim.token, [log("Started")]) == "written"
     assert await store.queued_ids() == [*ids[1:], late.request_id]
 
 
@@ -122,7 +122,7 @@ async def test_a_stale_claim_writes_nothing(store: JobStore) -> None:
     second = await store.claim(LONG_LEASE_S)
     assert (first.token, second.token) == ("1", "2")
     assert await store.renew(request_id, first.token, LONG_LEASE_S) == "lost"
-    assert not await store.append_logs(request_id, first.token, [log("step 1/2")])
+    assert await store.append_logs(request_id, first.token, [log("step 1/2")]) == "stale"
     assert await store.put_file(request_id, first.token, "tok/0.jpeg", b"x", "image/jpeg") == "stale"
     assert await store.finish(request_id, first.token, result={"seed": 1}) == "stale"
     assert await store.renew(request_id, second.token, LONG_LEASE_S) == "kept"
@@ -188,11 +188,11 @@ async def test_cancel(store: JobStore) -> None:
 async def test_logs_keep_their_order_and_stop_at_completion(store: JobStore) -> None:
     (request_id,) = await submit_many(store, 1)
     claim = await store.claim(LONG_LEASE_S)
-    assert await store.start(request_id, claim.token, [log("Started")])
+    assert await store.start(request_id, claim.token, [log("Started")]) == "written"
     for step in range(1, 4):
-        assert await store.append_logs(request_id, claim.token, [log(f"step {step}")])
+        assert await store.append_logs(request_id, claim.token, [log(f"step {step}")]) == "written"
     await store.finish(request_id, claim.token, result={})
-    assert not await store.append_logs(request_id, claim.token, [log("too late")])
+    assert await store.append_logs(request_id, claim.token, [log("too late")]) == "stale"
     assert [entry.message for entry in (await store.get(request_id)).logs] == ["Started", "step 1", "step 2", "step 3"]
 
 
@@ -275,6 +275,20 @@ async def test_a_store_that_starts_over_has_a_new_epoch_and_loses_nothing_silent
     assert (await store.get(ids[2])).result == {"seed": 7}
     (due,) = await store.due_webhooks(lease_s=30)
     assert (due.request_id, due.url) == (ids[0], "https://hook/x")
+
+
+async def test_a_running_job_the_store_lost_is_put_back_by_its_run(store: JobStore) -> None:
+    (request_id,) = await submit_many(store, 1)
+    claim = await store.claim(LONG_LEASE_S)
+    await store._redis.flushdb()
+    assert await store.renew(request_id, claim.token, LONG_LEASE_S) == "missing"
+    assert await store.append_logs(request_id, claim.token, [log("step 2")]) == "missing"
+    assert await store.readopt(claim.record, claim.token, LONG_LEASE_S, [log("Queued"), log("put back")])
+    assert not await store.readopt(claim.record, claim.token, LONG_LEASE_S, [])  # once
+    assert await store.append_logs(request_id, claim.token, [log("step 2")]) == "written"
+    assert await store.finish(request_id, claim.token, result={"seed": 5}) == "completed"
+    record = await store.get(request_id)
+    assert record.result == {"seed": 5} and [e.message for e in record.logs] == ["Queued", "put back", "step 2"]
 
 
 async def test_the_webhook_outbox_hands_each_delivery_to_one_replica_at_a_time(make_store: StoreFactory) -> None:

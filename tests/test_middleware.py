@@ -27,7 +27,14 @@ from serve_app.http.edge import (
     without_client_controls,
 )
 from serve_app.http.errors import MAX_VALIDATION_ERRORS
-from serve_app.http.middleware import CLIENT_SCOPE_KEY, ApiKeys, ClientConcurrencyLimit, ClientLedger, SecurityHeaders
+from serve_app.http.middleware import (
+    CLIENT_SCOPE_KEY,
+    ApiKeys,
+    ClientConcurrencyLimit,
+    ClientLedger,
+    ClientPollLimit,
+    SecurityHeaders,
+)
 from serve_app.http.queue_api import QueueApi
 from serve_app.http.routes import route_table
 
@@ -506,3 +513,26 @@ def test_the_playground_has_its_policy(app_client: TestClient) -> None:
     page = app_client.get("/")
     assert page.headers["x-frame-options"] == "DENY"
     assert "script-src 'self' 'sha256-" in page.headers["content-security-policy"]
+
+
+def test_a_client_polling_too_fast_is_429_others_are_not() -> None:
+    async def scenario() -> tuple[list[int | None], int | None, int | None, int | None]:
+        gate = Gate()
+        gate.release.set()
+        limit = ClientPollLimit(gate, per_s=5, routes=route_table("local/sdxl"), keys=ApiKeys([]))
+        status = "/queue/local/sdxl/requests/5b1f4c1e-0d7a-4b5e-9b1a-2f4e6c8d0a11/status"
+
+        async def poll(path: str = status, client: tuple = ("10.0.0.1", 1)) -> int | None:
+            exchange = Exchange()
+            await limit(http_scope(method="GET", path=path, client=client), exchange.receive, exchange.send)
+            return exchange.status
+
+        burst = [await poll() for _ in range(11)]  # the bucket holds 10 (two seconds' worth, at least 10)
+        other = await poll(client=("10.0.0.2", 1))
+        health = await poll(path="/health")
+        await asyncio.sleep(0.3)  # 1.5 polls' worth refilled
+        return burst, other, health, await poll()
+
+    burst, other, health, later = asyncio.run(scenario())
+    assert burst == [200] * 10 + [429]
+    assert (other, health, later) == (200, 200, 200)

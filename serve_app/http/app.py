@@ -23,7 +23,14 @@ from serve_app.contract.queue import CancelAccepted, QueueStatus, QueueSubmitted
 from serve_app.contract.requests import GenerationRequest
 from serve_app.http.edge import BODY_TIMEOUT_S, MAX_BODY_BYTES, MAX_HEAD_BYTES, BodyGuard, HeadSizeLimit, HostAllowList
 from serve_app.http.errors import add_error_handlers
-from serve_app.http.middleware import ApiKeys, ClientConcurrencyLimit, FalRequestId, RequireApiKey, SecurityHeaders
+from serve_app.http.middleware import (
+    ApiKeys,
+    ClientConcurrencyLimit,
+    ClientPollLimit,
+    FalRequestId,
+    RequireApiKey,
+    SecurityHeaders,
+)
 from serve_app.http.queue_api import QueueApi
 from serve_app.http.relay import GenerationRelay
 from serve_app.http.routes import RouteTable
@@ -159,6 +166,14 @@ def build_http_app(
             limit=config.http.max_generations_per_client,
             routes=routes,
             ledger=queue_api.ledger,
+            keys=keys,
+            address_header=config.http.client_address_header,
+        )
+    if config.http.max_polls_per_client_per_s is not None:
+        app.add_middleware(
+            ClientPollLimit,
+            per_s=config.http.max_polls_per_client_per_s,
+            routes=routes,
             keys=keys,
             address_header=config.http.client_address_header,
         )

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -217,6 +218,56 @@ class ClientLedger:
                 self.in_flight(known)
 
 
+def client_identity(scope: Scope, keys: ApiKeys, address_header: str | None) -> str:
+    """Who a request counts against: its API key (hashed) when keys are configured, else its address: the
+    connection's, or `address_header` when a trusted front proxy sets it."""
+    headers = Headers(scope=scope)
+    if keys.enabled:
+        return request_owner(keys, headers)
+    forwarded = headers.get(address_header) if address_header else None
+    if forwarded:
+        return "address:" + forwarded.split(",")[-1].strip()
+    return "address:" + (scope["client"][0] if scope.get("client") else "unknown")
+
+
+class ClientPollLimit:
+    """At most `per_s` status polls a second per client (a token bucket holding two seconds' worth), on
+    whichever port they come: beyond, 429 `too_many_requests` with `Retry-After`. The endpoints are those
+    the route table marks as polls (status, its stream, result); `fal_client` polls a job ten times a
+    second, so the rate bounds how many jobs one client watches at full speed, not whether it may."""
+
+    IDLE_S = 60.0  # a client quiet this long is forgotten (its bucket would be full again anyway)
+
+    def __init__(
+        self, app: ASGIApp, per_s: float, routes: RouteTable, keys: ApiKeys, address_header: str | None = None
+    ) -> None:
+        self.app = app
+        self.per_s = per_s
+        self.burst = max(10.0, 2 * per_s)
+        self.routes = routes
+        self.keys = keys
+        self.address_header = address_header
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
+        self._swept_at = time.monotonic()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.routes.is_poll(scope["method"], _route_path(scope)):
+            return await self.app(scope, receive, send)
+        client = client_identity(scope, self.keys, self.address_header)
+        now = time.monotonic()
+        tokens, then = self._buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.per_s)
+        if tokens < 1:
+            self._buckets[client] = (tokens, now)
+            error = TooManyRequests(f"more than {self.per_s:g} status polls a second from this client", retry_after_s=1)
+            return await error_response(error)(scope, receive, send)
+        self._buckets[client] = (tokens - 1, now)
+        if now - self._swept_at > self.IDLE_S:
+            self._swept_at = now
+            self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < self.IDLE_S}
+        await self.app(scope, receive, send)
+
+
 class ClientConcurrencyLimit:
     """At most `limit` generations in flight per client on this ingress replica (`ClientLedger`): the
     endpoints the route table marks as generations, while they run, and the queue jobs they submitted
@@ -246,13 +297,7 @@ class ClientConcurrencyLimit:
         self.retry_after_s = retry_after_s
 
     def client(self, scope: Scope) -> str:
-        headers = Headers(scope=scope)
-        if self.keys.enabled:
-            return request_owner(self.keys, headers)
-        forwarded = headers.get(self.address_header) if self.address_header else None
-        if forwarded:
-            return "address:" + forwarded.split(",")[-1].strip()
-        return "address:" + (scope["client"][0] if scope.get("client") else "unknown")
+        return client_identity(scope, self.keys, self.address_header)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.routes.counts_as_generation(scope["method"], _route_path(scope)):

@@ -1,5 +1,5 @@
 """Every endpoint once, as data: its path and methods, whether it needs an API key, whether it counts
-against the per-client generation limit, and whether the status port answers it.
+against the per-client generation limit or poll rate, and whether the status port answers it.
 
 `build_http_app` adds the routes from this table; `RequireApiKey`, `ClientConcurrencyLimit` and the
 status port's filter ask it about a request; `tests/test_routes.py` holds the front proxy's nginx
@@ -24,6 +24,7 @@ class Endpoint:
     needs_key: bool = True  # with API keys configured
     generation: bool = False  # a stream, a run or a queue submit: counts against `max_generations_per_client`
     status_port: bool = False  # also answered on `status_port` (GET, HEAD and a CORS preflight)
+    poll: bool = False  # a status poll: counts against `max_polls_per_client_per_s`
 
     @property
     def pattern(self) -> re.Pattern:
@@ -55,6 +56,10 @@ class RouteTable:
         endpoint = self.match(method, path)
         return endpoint is not None and endpoint.generation
 
+    def is_poll(self, method: str, path: str) -> bool:
+        endpoint = self.match(method, path)
+        return endpoint is not None and endpoint.poll
+
     def on_status_port(self, method: str, path: str) -> bool:
         return method in SAFE_METHODS and any(endpoint.status_port for endpoint in self.for_path(path))
 
@@ -74,9 +79,9 @@ def route_table(app_id: str) -> RouteTable:
             Endpoint("run", f"/{app_id}", post, generation=True),
             Endpoint("stream", f"/{app_id}/stream", post, generation=True),
             Endpoint("submit", queue, post, generation=True),
-            Endpoint("status", f"{job}/status", get, status_port=True),
-            Endpoint("status_stream", f"{job}/status/stream", get),
-            Endpoint("result", job, get),
+            Endpoint("status", f"{job}/status", get, status_port=True, poll=True),
+            Endpoint("status_stream", f"{job}/status/stream", get, poll=True),
+            Endpoint("result", job, get, poll=True),
             Endpoint("cancel", f"{job}/cancel", put),
             # Result images: their URLs carry an unguessable token, as fal's CDN URLs do.
             Endpoint("file", "/files/{token}/{name}", get, needs_key=False),

@@ -92,6 +92,7 @@ class _Run:
     logs: list[LogEntry] = field(default_factory=list)
     logs_ready: asyncio.Event = field(default_factory=asyncio.Event)
     logs_writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one batch at a time, in order
+    written_logs: list[LogEntry] = field(default_factory=list)  # this run's, as stored: to put a lost job back
     task: asyncio.Task | None = field(default=None, repr=False)
 
     @property
@@ -221,7 +222,8 @@ class JobDispatcher:
         """Unfinished jobs a mirror holds that it has heard nothing of for a while: the store's word on
         each. Those the store no longer has were lost while accepted: they complete with `job_lost`."""
         found = await self._read(lambda: self._store.exists([snapshot.request_id for snapshot in held]))
-        lost = [snapshot for snapshot, exists in zip(held, found, strict=True) if not exists]
+        # A job this replica runs is put back by its run (`_put_back`), never taken for lost.
+        lost = [s for s, exists in zip(held, found, strict=True) if not exists and s.request_id not in self._runs]
         if lost:
             jobs = [(snapshot.request_id, snapshot.owner, snapshot.webhook_url) for snapshot in lost]
             written = await self._read(lambda: self._store.mark_lost(jobs, JobLost().body()))
@@ -409,12 +411,17 @@ class JobDispatcher:
             if not batch or run.stale:
                 return
             request_id, token = run.request_id, run.claim.token
-            if batch[0].message == "Started":
-                kept = await self._store_call(lambda: self._store.start(request_id, token, batch))
-            else:
-                kept = await self._store_call(lambda: self._store.append_logs(request_id, token, batch))
+            for _ in range(2):  # a second time after putting back a job the store lost
+                if batch[0].message == "Started":
+                    written = await self._store_call(lambda: self._store.start(request_id, token, batch))
+                else:
+                    written = await self._store_call(lambda: self._store.append_logs(request_id, token, batch))
+                if written != "missing":
+                    break
+                await self._put_back(run)
+            run.written_logs.extend(batch)
         self._poke_feed()
-        if not kept:
+        if written == "stale":
             self._lost_claim(run)
 
     async def _keep_lease(self, run: _Run) -> None:
@@ -428,9 +435,21 @@ class JobDispatcher:
             if renewed == "lost":
                 self._lost_claim(run)
                 return
+            if renewed == "missing":  # the store lost the job (a flush, a restart without its data)
+                await self._put_back(run)
             if renewed == "cancel" and not run.cancelled:
                 run.cancelled = True
                 run.stop()
+
+    async def _put_back(self, run: _Run) -> None:
+        """The store lost a job this replica is running: the run holds its record and logs, so it puts the
+        job back and finishes it (before a mirror's audit would complete it as lost)."""
+        logs = [*run.claim.record.logs, *run.written_logs, LogEntry.now("The job store lost this job; restored")]
+        restored = await self._store_call(
+            lambda: self._store.readopt(run.claim.record, run.claim.token, self._config.lease_s, logs)
+        )
+        logger.warning("Job %s: the store lost it while it ran; put back: %s", run.request_id, restored)
+        self._poke_feed()
 
     def _lost_claim(self, run: _Run) -> None:
         if not run.stale:

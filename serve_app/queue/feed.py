@@ -119,7 +119,8 @@ class JobMirror:
     def _apply(self, changes: FeedChanges) -> None:
         if changes.reset:
             # The store started over (or this mirror fell behind): nothing held may be trusted. Unfinished
-            # jobs it does not list again are checked at once: the store may have lost them.
+            # jobs it does not list again are checked after `audit_after_s`: the store may have lost them,
+            # and runs put back the jobs they hold within a lease, so those are not taken for lost.
             listed = {snapshot.request_id for snapshot in changes.jobs}
             unfinished = [s for s in self._jobs.values() if s.state != "COMPLETED" and s.request_id not in listed]
             self._jobs.clear()
@@ -127,7 +128,7 @@ class JobMirror:
             self._finished.clear()
             self._positions.clear()
             for snapshot in unfinished:
-                self._put(snapshot, heard=0.0)  # quiet since ever: audited first
+                self._put(snapshot)
         self._epoch, self._version, self._queue_version = changes.epoch, changes.version, changes.queue_version
         for snapshot in changes.jobs:
             self._put(snapshot)
@@ -164,11 +165,11 @@ class JobMirror:
                     self._forget(snapshot.request_id)
             self._notify()
 
-    def _put(self, snapshot: JobSnapshot, heard: float | None = None) -> None:
+    def _put(self, snapshot: JobSnapshot) -> None:
         request_id = snapshot.request_id
         self._jobs.pop(request_id, None)  # re-inserted last: the dict stays in change order
         self._jobs[request_id] = snapshot
-        self._heard[request_id] = time.monotonic() if heard is None else heard
+        self._heard[request_id] = time.monotonic()
         if snapshot.state == "COMPLETED":
             self._finished.setdefault(request_id, time.monotonic())
             self._positions.pop(request_id, None)

@@ -155,9 +155,11 @@ queue_changed()
 return {id, redis.call('HGETALL', job), redis.call('LRANGE', P .. 'logs:' .. id, 0, -1)}
 """
 
-# ARGV: P, epoch, id, token, log entries... -> 1, or 0 when the claim is no longer this token's
+# ARGV: P, epoch, id, token, log entries... -> 1, 0 when the claim is no longer this token's, -1 when the
+# store lost the job
 START = r"""
 local id = ARGV[3]
+if redis.call('EXISTS', P .. 'job:' .. id) == 0 then return -1 end
 if not holds(id, ARGV[4]) then return 0 end
 redis.call('ZREM', P .. 'dispatched', id)
 redis.call('HSET', P .. 'job:' .. id, 'generating', '1')
@@ -167,18 +169,20 @@ queue_changed()
 return 1
 """
 
-# ARGV: P, epoch, id, token, log entries... -> 1, or 0 when stale
+# ARGV: P, epoch, id, token, log entries... -> 1, 0 when stale, -1 when the store lost the job
 LOG = r"""
 local id = ARGV[3]
+if redis.call('EXISTS', P .. 'job:' .. id) == 0 then return -1 end
 if not holds(id, ARGV[4]) then return 0 end
 redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 5))
 changed(id)
 return 1
 """
 
-# ARGV: P, epoch, id, token, lease_ms -> 0 lost, 1 kept, 2 kept but cancel requested
+# ARGV: P, epoch, id, token, lease_ms -> 0 lost, 1 kept, 2 kept but cancel requested, 3 the job is gone
 RENEW = r"""
 local id = ARGV[3]
+if redis.call('EXISTS', P .. 'job:' .. id) == 0 then return 3 end
 if not holds(id, ARGV[4]) then return 0 end
 redis.call('ZADD', P .. 'running', now_ms() + tonumber(ARGV[5]), id)
 if redis.call('HGET', P .. 'job:' .. id, 'cancel_requested') == '1' then return 2 end
@@ -436,4 +440,20 @@ TAKE_EVICTIONS = r"""
 local counts = redis.call('HGETALL', P .. 'evictions')
 redis.call('DEL', P .. 'evictions')
 return counts
+"""
+
+# A running job the store lost (a flush, a restart without its data) is put back by its run, which holds
+# the whole record: it finishes as if nothing happened, rather than completing as lost. ARGV: P, epoch, id,
+# token, lease_ms, n (field args), field/value pairs..., log entries... -> 1 put back, 0 the store has it
+READOPT = r"""
+local id = ARGV[3]
+local job = P .. 'job:' .. id
+if redis.call('EXISTS', job) == 1 then return 0 end
+local n = tonumber(ARGV[6])
+redis.call('HSET', job, 'seq', redis.call('INCR', P .. 'seq'), 'attempts', ARGV[4], 'state', 'IN_PROGRESS',
+           'generating', '1', unpack(ARGV, 7, 6 + n))
+if #ARGV > 6 + n then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 7 + n)) end
+redis.call('ZADD', P .. 'running', now_ms() + tonumber(ARGV[5]), id)
+changed(id)
+return 1
 """

@@ -128,6 +128,8 @@ class WebhookDelivery:
 
 
 T = TypeVar("T")
+Written = Literal["written", "stale", "missing"]  # "stale": the claim is no longer the token's
+WRITTEN: dict[int, Written] = {1: "written", 0: "stale", -1: "missing"}
 
 
 def _translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -167,7 +169,7 @@ class JobStore:
             for name in (
                 "SUBMIT", "CLAIM", "START", "LOG", "RENEW", "PUT_FILE", "FINISH", "REQUEUE", "CANCEL", "RECLAIM",
                 "LOST", "RESTORE", "SWEEP", "CHANGES", "OUTBOX_DUE", "OUTBOX_SETTLE", "WEBHOOK_BODY", "SNAPSHOT",
-                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS",
+                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT",
             )
         }  # fmt: skip
 
@@ -269,21 +271,29 @@ class JobStore:
         return Claim(record=record, token=str(record.attempts))
 
     @_translated
-    async def start(self, request_id: str, token: str, logs: list[LogEntry]) -> bool:
-        """A model replica took the job: it leaves the queue order. False when the claim is stale."""
-        return bool(await self._run("START", request_id, token, *(log.model_dump_json() for log in logs)))
+    async def start(self, request_id: str, token: str, logs: list[LogEntry]) -> Written:
+        """A model replica took the job: it leaves the queue order."""
+        return WRITTEN[await self._run("START", request_id, token, *(log.model_dump_json() for log in logs))]
 
     @_translated
-    async def append_logs(self, request_id: str, token: str, logs: list[LogEntry]) -> bool:
+    async def append_logs(self, request_id: str, token: str, logs: list[LogEntry]) -> Written:
         if not logs:
-            return True
-        return bool(await self._run("LOG", request_id, token, *(log.model_dump_json() for log in logs)))
+            return "written"
+        return WRITTEN[await self._run("LOG", request_id, token, *(log.model_dump_json() for log in logs))]
 
     @_translated
-    async def renew(self, request_id: str, token: str, lease_s: float) -> Literal["kept", "cancel", "lost"]:
+    async def renew(self, request_id: str, token: str, lease_s: float) -> Literal["kept", "cancel", "lost", "missing"]:
         """Extend the lease; "cancel" when a cancel was requested (through any replica), "lost" when the
-        claim is no longer this token's."""
-        return ("lost", "kept", "cancel")[await self._run("RENEW", request_id, token, _ms(lease_s))]
+        claim is no longer this token's, "missing" when the store no longer has the job."""
+        return ("lost", "kept", "cancel", "missing")[await self._run("RENEW", request_id, token, _ms(lease_s))]
+
+    @_translated
+    async def readopt(self, record: JobRecord, token: str, lease_s: float, logs: list[LogEntry]) -> bool:
+        """Put back a running job the store lost, as its run knows it (the record it claimed, its logs so
+        far), leased to that run. False when the store has the job (then the run's claim decides)."""
+        fields = _flat({k: v for k, v in _record_fields(record).items() if k not in ("state", "attempts")})
+        entries = [log.model_dump_json() for log in logs]
+        return bool(await self._run("READOPT", record.request_id, token, _ms(lease_s), len(fields), *fields, *entries))
 
     @_translated
     async def put_file(

@@ -11,7 +11,9 @@ from tests.redis_server import redis_url  # noqa: F401 - a fixture
 
 TEST_API_KEYS_ENV = "SDXL_SERVE_TEST_API_KEYS"
 TEST_API_KEY = "sk-test-4a1f9c2e7b"
+OTHER_API_KEY = "sk-test-second-77d03b"  # a second client's key: it must never see the first one's jobs
 TEST_REDIS_URL_ENV = "SDXL_SERVE_TEST_REDIS_URL"
+FAULT_REDIS_URL_ENV = "SDXL_SERVE_FAULT_REDIS_URL"  # a Redis the fault tests kill, pause and flush
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +21,11 @@ def serve_harness(tmp_path_factory: pytest.TempPathFactory, redis_url: str):  # 
     """One Ray instance and Serve proxy for the whole integration session."""
     # Set in the environment Ray's processes inherit, not in `runtime_env`: Ray logs runtime_env.
     os.environ["SDXL_SERVE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
-    os.environ[TEST_API_KEYS_ENV] = TEST_API_KEY
+    os.environ[TEST_API_KEYS_ENV] = f"{TEST_API_KEY},{OTHER_API_KEY}"
     os.environ[TEST_REDIS_URL_ENV] = redis_url  # only apps with `redis_url_env` set to it read it
+    # Its port is chosen now (Ray's processes read the URL from the environment they start with); the
+    # fault tests start that Redis themselves, with persistence, and kill it.
+    os.environ[FAULT_REDIS_URL_ENV] = f"redis://127.0.0.1:{free_port()}/0"
     # Logical CPUs: more than the machine has, so several test apps can be resident at once.
     ray.init(
         num_cpus=16,

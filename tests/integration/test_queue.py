@@ -1,7 +1,7 @@
 """fal's queue API over real HTTP: positions, logs, results, cancel, errors, webhooks, CORS and keys.
 
-The unmodified fal clients drive the same routes in test_clients.py; durable jobs on Redis are in
-test_queue_durability.py.
+The unmodified fal clients drive the same routes in test_clients.py; the queue under faults (Redis
+killed, paused or flushed, replicas killed, redeploys) is in test_queue_faults.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from httpx_sse import connect_sse
 from PIL import Image
 
-from tests.integration.conftest import TEST_API_KEY, TEST_API_KEYS_ENV
+from tests.integration.conftest import OTHER_API_KEY, TEST_API_KEY, TEST_API_KEYS_ENV
 from tests.integration.harness import ServeHarness, decode_image, free_port, sdxl_stats
 
 SMALL = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 6, "seed": 3}
@@ -201,6 +201,32 @@ def test_unknown_ids_are_404_and_finished_jobs_cannot_be_cancelled(api: httpx.Cl
     again = api.put(job["cancel_url"])
     assert (again.status_code, again.json()["error_type"]) == (400, "already_completed")
     assert api.get(job["status_url"], params={"logs": "maybe"}).status_code == 422
+
+
+def test_a_job_is_its_keys_alone_and_its_file_urls_reveal_nothing_but_the_file(
+    api: httpx.Client, jobs_url: str
+) -> None:
+    """Key B meets key A's job exactly as it meets an unknown id, on every route; A's file URLs carry a
+    token of their own, not A's request id (they are shared, and served without a key)."""
+    job = submit(api, SMALL)
+    unknown = job["request_id"][:-12] + "000000000000"
+    routes = [("GET", "/status"), ("GET", "/status/stream"), ("GET", ""), ("PUT", "/cancel")]
+    with httpx.Client(base_url=jobs_url, headers={"authorization": f"Key {OTHER_API_KEY}"}, timeout=30) as other:
+        for method, path in routes:
+            for request_id, state in ((job["request_id"], "queued or running"), (unknown, "unknown")):
+                response = other.request(method, f"/queue/local/sdxl/requests/{request_id}{path}")
+                body = response.json()
+                assert (response.status_code, body["error_type"]) == (404, "not_found"), (method, path, state)
+                assert body["detail"] == f"no request {request_id}"
+        final = wait_for(api, job, completed)
+        for method, path in routes:
+            response = other.request(method, f"/queue/local/sdxl/requests/{job['request_id']}{path}")
+            assert response.status_code == 404, (method, path, "completed")
+    assert final["status"] == "COMPLETED"
+    result = api.get(job["response_url"]).json()
+    (image,) = result["images"]
+    assert job["request_id"] not in image["url"]
+    assert httpx.get(image["url"]).status_code == 200  # the URL alone, no key: as fal's CDN URLs
 
 
 def test_status_stream_sends_each_change_and_ends_after_completed(api: httpx.Client) -> None:

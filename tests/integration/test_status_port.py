@@ -18,6 +18,7 @@ from tests.integration.harness import ServeHarness, free_port
 SMALL = {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 4, "seed": 3}
 KEY = {"authorization": f"Key {TEST_API_KEY}"}
 APP = "status"
+POLLS_PER_S = 40
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,10 @@ def service(serve_harness: ServeHarness) -> Iterator[tuple[str, str]]:
     url = serve_harness.deploy(
         APP,
         f"/{APP}",
-        args={"http": {"api_keys_env": TEST_API_KEYS_ENV}, "status_server": {"port": port}},
+        args={
+            "http": {"api_keys_env": TEST_API_KEYS_ENV, "max_polls_per_client_per_s": POLLS_PER_S},
+            "status_server": {"port": port},
+        },
         deployments={"SDXLIngress": {"num_replicas": 2}},
     )
     yield url, f"http://127.0.0.1:{port}"
@@ -58,6 +62,7 @@ def test_health_and_status_polls_answer_as_through_serve(service: tuple[str, str
             polled = client.get(f"{status_url}{path}", params={"logs": 1})
             assert polled.status_code == 200, polled.text
             seen.add(polled.json()["status"])
+            time.sleep(1 / POLLS_PER_S)
             time.sleep(0.05)
         assert seen <= {"IN_QUEUE", "IN_PROGRESS", "COMPLETED"} and "COMPLETED" in seen
         final = polled.json()
@@ -98,3 +103,20 @@ def test_another_replica_takes_the_port_over_when_its_holder_dies(service: tuple
         assert time.monotonic() < deadline, "no replica took the status port over"
         time.sleep(0.5)
     assert wait_until_answering(status_url).status_code == 200
+
+
+def test_the_status_port_applies_the_per_client_poll_limit(service: tuple[str, str]) -> None:
+    """A client polling faster than `max_polls_per_client_per_s` gets 429 + Retry-After on the status port
+    as through Serve's; another client, and health checks, are not held up by it."""
+    serve_url, status_url = service
+    wait_until_answering(status_url)
+    with httpx.Client(headers=KEY, timeout=60) as client:
+        job = client.post(f"{serve_url}/queue/local/sdxl", json=SMALL).json()
+        path = f"{status_url}/queue/local/sdxl/requests/{job['request_id']}/status"
+        answers = [client.get(path) for _ in range(4 * POLLS_PER_S)]
+        refused = [answer for answer in answers if answer.status_code == 429]
+        assert refused and refused[0].json()["error_type"] == "too_many_requests"
+        assert int(refused[0].headers["retry-after"]) >= 1
+        assert httpx.get(f"{status_url}/health").status_code == 200
+        time.sleep(1.0)
+        assert client.get(path).status_code == 200  # the bucket refills
