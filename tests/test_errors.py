@@ -22,6 +22,7 @@ from serve_app.contract.errors import (
     Overloaded,
     ReplicaFailed,
     ServiceError,
+    StartTimeout,
     Unauthorized,
     as_service_error,
     from_body,
@@ -71,6 +72,8 @@ def test_every_error_renders_the_one_body_shape() -> None:
 
 
 def test_headers_travel_with_their_error() -> None:
+    assert error_response(StartTimeout()).headers["x-fal-request-timeout-type"] == "user"
+    assert error_response(Unauthorized()).headers["x-fal-error-type"] == "unauthorized"  # on every error answer
     assert error_response(Overloaded(retry_after_s=3.4)).headers["retry-after"] == "3"
     assert error_response(Overloaded()).headers["retry-after"] == "1"
     assert error_response(Unauthorized()).headers["www-authenticate"] == "Key"

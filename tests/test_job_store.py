@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -95,6 +96,27 @@ async def test_low_priority_waits_behind_every_normal_job(store: JobStore) -> No
     normal = await submit_many(store, 2, priority=0)
     assert await store.queued_ids() == [*normal, *low]
     assert [(await store.claim(LONG_LEASE_S)).record.request_id for _ in range(4)] == [*normal, *low]
+
+
+async def test_a_job_not_started_by_its_deadline_never_runs(store: JobStore) -> None:
+    """X-Fal-Request-Timeout: queued, or claimed and still waiting for a model replica, past its start
+    deadline: completed 504 `start_timeout`. One that started runs to its end."""
+    queued, waiting, started, patient = (new_job(str(n)) for n in range(4))
+    for record in (started, waiting, queued):
+        record.deadline = time.time() + 0.2
+    for record in (started, waiting, queued, patient):
+        await store.submit(record, max_queued=100)
+    claim = await store.claim(LONG_LEASE_S)
+    await store.start(started.request_id, claim.token, [log("Started")])
+    await store.claim(LONG_LEASE_S)  # `waiting`: claimed, no model replica yet
+    await asyncio.sleep(0.3)
+    assert sorted(await store.expire_unstarted()) == sorted([waiting.request_id, queued.request_id])
+    for request_id in (waiting.request_id, queued.request_id):
+        record = await store.get(request_id)
+        assert (record.state, record.error.error_type) == ("COMPLETED", "start_timeout")
+    assert (await store.get(started.request_id)).state == "IN_PROGRESS"
+    assert await store.queued_ids() == [patient.request_id]
+    assert await store.expire_unstarted() == []
 
 
 async def test_a_retried_submit_is_the_same_job(store: JobStore) -> None:

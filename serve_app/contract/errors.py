@@ -158,6 +158,19 @@ class DeadlineExceeded(ServiceError):
     default_detail = "the request ran past its time limit"
 
 
+class StartTimeout(ServiceError):
+    """The client's `X-Fal-Request-Timeout` passed before its request started (the queue included): it
+    never ran. As fal answers it: 504 with `X-Fal-Request-Timeout-Type: user`, which fal's clients do not
+    retry."""
+
+    error_type = "start_timeout"
+    status_code = 504
+    default_detail = "the request did not start within its X-Fal-Request-Timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Fal-Request-Timeout-Type": "user"}
+
+
 class OutOfMemory(ServiceError):
     """Recoverable: the allocator frees on unwind, so the replica keeps serving."""
 

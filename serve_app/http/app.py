@@ -31,7 +31,7 @@ from serve_app.http.middleware import (
     RequireApiKey,
     SecurityHeaders,
 )
-from serve_app.http.queue_api import QueueApi
+from serve_app.http.queue_api import QueueApi, start_timeout_s
 from serve_app.http.relay import GenerationRelay
 from serve_app.http.routes import RouteTable
 
@@ -87,13 +87,13 @@ def build_http_app(
     add_error_handlers(app)
     policy = config.request_policy()  # every generation's defaults and limits, applied here and only here
 
-    async def stream(body: GenerationRequest):
+    async def stream(body: GenerationRequest, request: Request):
         """Stream previews every few steps, then the final image as the last event."""
-        return await relay.stream(policy.resolve(body))
+        return await relay.stream(policy.resolve(body), start_timeout_s(request))
 
-    async def run(body: GenerationRequest):
+    async def run(body: GenerationRequest, request: Request):
         """Generate and return the finished image as JSON (no stream)."""
-        return await relay.run(policy.resolve(body))
+        return await relay.run(policy.resolve(body), start_timeout_s(request))
 
     async def submit(body: GenerationRequest, request: Request, fal_webhook: str | None = None) -> Response:
         """Queue a generation; poll `status_url`, then fetch `response_url`."""
@@ -190,7 +190,13 @@ def build_http_app(
                 "x-request-id",
                 *FAL_CLIENT_HEADERS,
             ],
-            expose_headers=["x-request-id", "x-fal-request-id", "x-fal-request-timeout-type", "retry-after"],
+            expose_headers=[
+                "x-request-id",
+                "x-fal-request-id",
+                "x-fal-request-timeout-type",
+                "x-fal-error-type",
+                "retry-after",
+            ],
             max_age=600,
         )
     app.add_middleware(HostAllowList, allowed=config.http.allowed_hosts)

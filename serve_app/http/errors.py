@@ -27,7 +27,10 @@ MAX_ERROR_TEXT = 200  # characters of any one string in an error item (a field n
 
 
 def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.body().model_dump(), status_code=error.status_code, headers=error.headers() or None)
+    """The error as JSON with its status and headers, and `X-Fal-Error-Type` (what `fal_client` reads
+    when a body has no `error_type`)."""
+    headers = {**error.headers(), "X-Fal-Error-Type": error.error_type}
+    return JSONResponse(error.body().model_dump(), status_code=error.status_code, headers=headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -76,7 +76,7 @@ class QueueApi:
             check_webhook_url(webhook, self._webhook_allowed_hosts)
         priority = _priority(request.headers.get("x-fal-queue-priority"))
         owner = request_owner(self._keys, request.headers)
-        submitted: Submitted = await self._ask("submit", body, webhook, owner, priority)
+        submitted: Submitted = await self._ask("submit", body, webhook, owner, priority, start_timeout_s(request))
         request_id = submitted.snapshot.request_id
         self._mirror.remember(submitted.snapshot, submitted.position)
         if self.ledger is not None and CLIENT_SCOPE_KEY in request.scope:
@@ -204,6 +204,21 @@ class QueueApi:
 def _json(body: str, status_code: int = 200, headers: dict | None = None) -> Response:
     """A model already dumped to JSON (the route's `response_model` documents it; nothing re-validates it)."""
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def start_timeout_s(request: Request) -> float | None:
+    """fal's `X-Fal-Request-Timeout` (`fal_client`'s `start_timeout=`): seconds the request may wait, the
+    queue included, before it starts; past it, it ends 504 `start_timeout` and never runs."""
+    header = request.headers.get("x-fal-request-timeout")
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValidationFailed("X-Fal-Request-Timeout must be a number of seconds above 0")
+    return seconds
 
 
 def _priority(header: str | None) -> int:

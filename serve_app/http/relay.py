@@ -16,8 +16,8 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from serve_app.config import HttpConfig, RequestConfig
-from serve_app.contract.errors import Overloaded, QueueTimeout, ServiceError, as_service_error
-from serve_app.contract.events import RESULT_ONLY, STREAM, GenerationResult
+from serve_app.contract.errors import Overloaded, QueueTimeout, ServiceError, StartTimeout, as_service_error
+from serve_app.contract.events import QUEUE_JOB, RESULT_ONLY, STREAM, FinalEvent, GenerationResult, ProgressEvent
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.client import GenerationCall, GenerationClient
 from serve_app.http.errors import error_response
@@ -44,9 +44,12 @@ class GenerationRelay:
         self._keepalive_s = http.keepalive_s
         self._on_rejection = on_rejection
 
-    async def stream(self, request: ResolvedRequest) -> Response:
+    async def stream(self, request: ResolvedRequest, start_timeout_s: float | None = None) -> Response:
+        """`start_timeout_s` (fal's `X-Fal-Request-Timeout`) bounds the wait for a replica, like
+        `requests.queue_timeout_s` but answered as fal answers it (504, never retried)."""
         call = self._generation.events(request, STREAM)
-        first = asyncio.ensure_future(asyncio.wait_for(anext(call), self._queue_timeout_s))
+        wait_s = min(self._queue_timeout_s, start_timeout_s or float("inf"))
+        first = asyncio.ensure_future(_first_event(call, wait_s, user_timeout=wait_s == start_timeout_s))
         try:
             # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
             await asyncio.wait({first}, timeout=self._first_event_wait_s)
@@ -64,11 +67,17 @@ class GenerationRelay:
             sep=SEPARATOR,
         )
 
-    async def run(self, request: ResolvedRequest) -> Response | GenerationResult:
-        call = self._generation.events(request, RESULT_ONLY)
+    async def run(self, request: ResolvedRequest, start_timeout_s: float | None = None) -> Response | GenerationResult:
+        """The result as JSON. With `start_timeout_s` the replica reports each step, so that the wait for
+        one to start is bounded apart from the run."""
+        if start_timeout_s is None:
+            call = self._generation.events(request, RESULT_ONLY)
+            outcome = call.result()  # the only event: bound the wait for a replica plus the run
+        else:
+            call = self._generation.events(request, QUEUE_JOB)
+            outcome = _started_within(call, start_timeout_s)
         try:
-            # Without previews the only event is the result: bound the wait for a replica plus the run.
-            final = await asyncio.wait_for(call.result(), self._run_timeout_s)
+            final = await asyncio.wait_for(outcome, self._run_timeout_s)
         except Exception as error:  # noqa: BLE001 - every failure is a JSON error, never a bare 500
             return error_response(self._failure(error, self._run_timeout_s))
         finally:
@@ -106,6 +115,35 @@ class GenerationRelay:
             call.cancel()  # stops the replica's work if the client went away
         if failed:
             raise StreamFailed("the stream ended with an error event; its response is cut off on purpose")
+
+
+async def _started_within(call: GenerationCall, start_timeout_s: float) -> FinalEvent:
+    """The call's final event; a `StartTimeout` if no step was done within `start_timeout_s`."""
+    started = asyncio.Event()
+
+    async def on_progress(event: ProgressEvent) -> None:
+        started.set()
+
+    result = asyncio.ensure_future(call.result(on_progress=on_progress))
+    try:
+        progress = asyncio.ensure_future(started.wait())
+        done, _ = await asyncio.wait({result, progress}, timeout=start_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        progress.cancel()
+        if not done:
+            raise StartTimeout(f"no model replica took the request within {start_timeout_s:g} s")
+        return await result
+    finally:
+        result.cancel()
+
+
+async def _first_event(call: GenerationCall, wait_s: float, user_timeout: bool):
+    """The call's first event within `wait_s`: a `QueueTimeout` past it, or the client's `StartTimeout`."""
+    try:
+        return await asyncio.wait_for(anext(call), wait_s)
+    except TimeoutError:
+        if user_timeout:
+            raise StartTimeout(f"no model replica took the request within {wait_s:g} s") from None
+        raise
 
 
 class RelayResponse(EventSourceResponse):

@@ -169,7 +169,12 @@ class JobDispatcher:
     # --- the queue API -----------------------------------------------------------------------
 
     async def submit(
-        self, request: ResolvedRequest, webhook_url: str | None, owner: str, priority: int = 0
+        self,
+        request: ResolvedRequest,
+        webhook_url: str | None,
+        owner: str,
+        priority: int = 0,
+        start_timeout_s: float | None = None,
     ) -> Submitted:
         """Queue a job. Raises `QueueFull`/`Overloaded` (503) when the queue or the store is full, and
         `QueueUnavailable` (503) when the store does not answer within `store_wait_s`: never for a job
@@ -182,6 +187,8 @@ class JobDispatcher:
             priority=priority,
             logs=[LogEntry.now("Queued")],
         )
+        if start_timeout_s is not None:
+            record.deadline = record.submitted_at + start_timeout_s
         deadline = time.monotonic() + self._config.store_wait_s
         try:
             position = await self._store_call(
@@ -332,6 +339,8 @@ class JobDispatcher:
                 for request_id in await self._store.reclaim_expired(self._config.max_attempts):
                     logger.warning("Job %s lost its job-queue replica: requeued or failed", request_id)
                     self._poke_feed()
+            if await self._store.expire_unstarted():
+                self._poke_feed()
             waiting = await self._store.waiting()
             self._metrics.queue_depth(waiting + sum(not run.generating for run in self._runs.values()))
             if not self._claiming or not waiting:
@@ -349,6 +358,8 @@ class JobDispatcher:
     async def _run(self, run: _Run) -> None:
         loop = asyncio.get_running_loop()
         helpers = [loop.create_task(self._keep_lease(run)), loop.create_task(self._write_logs(run))]
+        if run.claim.record.deadline is not None:
+            helpers.append(loop.create_task(self._start_by_deadline(run, run.claim.record.deadline)))
         try:
             outcome = await self._generate(run)
             await self._conclude(run, outcome)
@@ -391,6 +402,16 @@ class JobDispatcher:
                 if run.cancelled:
                     return _Outcome(error=Cancelled("the job was cancelled while running"))
                 return _Outcome(error=error, replica_died=error.retryable)
+
+    async def _start_by_deadline(self, run: _Run, deadline: float) -> None:
+        """A job not taken by a model replica by its start deadline stops waiting; the store completes it
+        504 `start_timeout` (`expire_unstarted`), and it never runs."""
+        await asyncio.sleep(max(0.0, deadline - time.time()))
+        if not run.generating:
+            logger.info("Job %s did not start within its X-Fal-Request-Timeout", run.request_id)
+            run.stale = True
+            run.stop()
+            self._wake.set()
 
     def _log(self, run: _Run, message: str) -> None:
         """Written behind the run (`_write_logs`): the store being away never holds a generation up."""

@@ -39,9 +39,14 @@ class JobQueue:
         await self._dispatcher.start()
 
     async def submit(
-        self, request: ResolvedRequest, webhook_url: str | None, owner: str, priority: int = 0
+        self,
+        request: ResolvedRequest,
+        webhook_url: str | None,
+        owner: str,
+        priority: int = 0,
+        start_timeout_s: float | None = None,
     ) -> Submitted:
-        return await self._dispatcher.submit(request, webhook_url, owner, priority)
+        return await self._dispatcher.submit(request, webhook_url, owner, priority, start_timeout_s)
 
     async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
         return await self._dispatcher.changes(epoch, since, queue_since, timeout_s)

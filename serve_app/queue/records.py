@@ -29,6 +29,9 @@ class JobRecord(BaseModel):
     state: JobState = "IN_QUEUE"
     priority: int = Field(default=0, description="0 normal, 1 low: a low job waits behind every normal one.")
     submitted_at: float = Field(default_factory=time.time, description="Unix seconds.")
+    deadline: float | None = Field(
+        default=None, description="Unix seconds by which it must start (X-Fal-Request-Timeout), else it never runs."
+    )
     started_at: float | None = Field(default=None, description="Unix seconds of the current attempt's claim.")
     finished_at: float | None = None
     attempts: int = Field(default=0, description="Claims so far: the current one's fencing token.")

@@ -16,6 +16,7 @@ Key layout under the prefix `P` (e.g. `sdxl:my-app:`):
   files:{id}       set of the job's file keys; file:{key} hash {data, content_type, request_id}
   finished         zset id -> finish order (ms * 1000 + a counter); finished:{owner} the same per owner
   bytes            hash: `app` and `owner:{owner}` -> bytes of finished jobs (results, logs, files)
+  deadlines        zset id -> when it must have started (ms; X-Fal-Request-Timeout), until it starts
   outbox           zset id -> when its webhook is due (ms); webhook:{id} hash {url, body, attempts}
   evictions        hash reason -> finished jobs evicted since a replica last took the count (for a metric)
   withdrawn:{id}   a submit answered 503: if it reaches the store late, it is refused
@@ -94,6 +95,7 @@ local function complete(id, finished_at, fields, caps)
   local job = P .. 'job:' .. id
   local was_queued = redis.call('ZREM', P .. 'queue', id) + redis.call('ZREM', P .. 'dispatched', id)
   redis.call('ZREM', P .. 'running', id)
+  redis.call('ZREM', P .. 'deadlines', id)
   redis.call('HSET', job, 'state', 'COMPLETED', 'finished_at', finished_at, unpack(fields))
   local size = 0
   for _, name in ipairs({'request', 'result', 'error'}) do size = size + redis.call('HSTRLEN', job, name) end
@@ -134,6 +136,8 @@ local n = tonumber(ARGV[6])
 redis.call('HSET', job, 'seq', seq, 'attempts', 0, unpack(ARGV, 7, 6 + n))
 if #ARGV > 6 + n then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 7 + n)) end
 redis.call('ZADD', P .. 'queue', tonumber(ARGV[5]) * 2^52 + seq, id)
+local deadline = redis.call('HGET', job, 'deadline')
+if deadline then redis.call('ZADD', P .. 'deadlines', tonumber(deadline) * 1000, id) end
 changed(id)
 queue_changed()
 return position(id)
@@ -162,6 +166,7 @@ local id = ARGV[3]
 if redis.call('EXISTS', P .. 'job:' .. id) == 0 then return -1 end
 if not holds(id, ARGV[4]) then return 0 end
 redis.call('ZREM', P .. 'dispatched', id)
+redis.call('ZREM', P .. 'deadlines', id)  -- it started: its start deadline is met
 redis.call('HSET', P .. 'job:' .. id, 'generating', '1')
 if #ARGV > 4 then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 5)) end
 changed(id)
@@ -456,4 +461,22 @@ if #ARGV > 6 + n then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 7 + n
 redis.call('ZADD', P .. 'running', now_ms() + tonumber(ARGV[5]), id)
 changed(id)
 return 1
+"""
+
+# Jobs whose start deadline passed before a model replica took them: completed with the error, never run
+# (a claimed one's runner sees it on its next write and stops). ARGV: P, epoch, finished_at, 4 caps, error
+# JSON -> the ids
+EXPIRE = r"""
+local caps = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])}
+local ids = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', now_ms(), 'LIMIT', 0, 1000)) do
+  local f = redis.call('HMGET', P .. 'job:' .. id, 'state', 'generating')
+  if f[1] == 'IN_QUEUE' or (f[1] == 'IN_PROGRESS' and f[2] ~= '1') then
+    complete(id, ARGV[3], {'error', ARGV[8]}, caps)
+    table.insert(ids, id)
+  else
+    redis.call('ZREM', P .. 'deadlines', id)
+  end
+end
+return ids
 """

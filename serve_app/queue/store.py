@@ -26,7 +26,7 @@ import redis.exceptions
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from serve_app.contract.errors import ErrorBody, Overloaded
+from serve_app.contract.errors import ErrorBody, Overloaded, StartTimeout
 from serve_app.contract.queue import JobState, LogEntry
 from serve_app.queue import scripts
 from serve_app.queue.records import (
@@ -169,7 +169,7 @@ class JobStore:
             for name in (
                 "SUBMIT", "CLAIM", "START", "LOG", "RENEW", "PUT_FILE", "FINISH", "REQUEUE", "CANCEL", "RECLAIM",
                 "LOST", "RESTORE", "SWEEP", "CHANGES", "OUTBOX_DUE", "OUTBOX_SETTLE", "WEBHOOK_BODY", "SNAPSHOT",
-                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT",
+                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT", "EXPIRE",
             )
         }  # fmt: skip
 
@@ -372,6 +372,12 @@ class JobStore:
         return [request_id.decode() for request_id in await self._run("LOST", *args)]
 
     @_translated
+    async def expire_unstarted(self) -> list[str]:
+        """Jobs past their start deadline that no model replica took: completed 504 `start_timeout`."""
+        args = [*self._finished_args(), StartTimeout().body().model_dump_json()]
+        return [request_id.decode() for request_id in await self._run("EXPIRE", *args)]
+
+    @_translated
     async def sweep(self) -> int:
         """Forget finished jobs older than the result TTL (with their logs and files); the number evicted."""
         before = _ms(time.time() - self.limits.result_ttl_s)
@@ -472,6 +478,7 @@ def _record_fields(record: JobRecord) -> dict[str, str]:
             "state": record.state,
             "priority": record.priority,
             "submitted_at": record.submitted_at,
+            "deadline": record.deadline,
             "cancel_requested": record.cancel_requested,
             "started_at": record.started_at,
             "result": record.result,
@@ -496,6 +503,7 @@ def _record_from(raw: dict[bytes, bytes], logs: list[bytes]) -> JobRecord:
         state=fields["state"],
         priority=int(fields.get("priority", "0")),
         submitted_at=number("submitted_at") or 0.0,
+        deadline=number("deadline"),
         started_at=number("started_at"),
         finished_at=number("finished_at"),
         attempts=int(fields.get("attempts", "0")),

@@ -159,6 +159,44 @@ print(json.dumps({{"first": first, "events": events, "seed": result["seed"], "er
     assert out["final"] == "Completed"
 
 
+def test_fal_client_priority_and_start_timeout(tls_service: dict) -> None:
+    """`priority="low"` waits behind a normal job submitted after it; `start_timeout=` ends a job that
+    could not start in time as fal ends it: 504 with the user-timeout header, which fal_client does not
+    retry, and it never runs."""
+    long = {**SMALL, "num_inference_steps": 50, "width": 512, "height": 512}
+    out = run_fal_client(
+        tls_service,
+        f"""
+import fal_client, json, time
+busy = [fal_client.submit("local/sdxl", arguments={long!r}) for _ in range(2)]  # running, and waiting for it
+while not isinstance(busy[0].status(), fal_client.InProgress):
+    time.sleep(0.1)
+low = fal_client.submit("local/sdxl", arguments={SMALL!r}, priority="low")
+normal = fal_client.submit("local/sdxl", arguments={SMALL!r}, priority="normal")
+positions = {{"low": low.status().position, "normal": normal.status().position}}
+late = fal_client.submit("local/sdxl", arguments={SMALL!r}, start_timeout=1.5)
+try:
+    late.get()
+    timed_out = None
+except fal_client.FalClientHTTPError as failure:
+    timed_out = [failure.status_code, failure.error_type, failure.response.headers.get("x-fal-request-timeout-type")]
+logs = [log["message"] for log in late.status(with_logs=True).logs]
+for handle in busy:
+    handle.cancel()
+order = []
+for name, handle in (("low", low), ("normal", normal)):
+    handle.get()
+    order.append((handle.status(with_logs=True).logs[-1]["timestamp"], name))
+print(json.dumps({{"positions": positions, "timed_out": timed_out, "late_logs": logs,
+                  "finished": [name for _, name in sorted(order)]}}))
+""",
+    )
+    assert out["positions"]["normal"] < out["positions"]["low"]
+    assert out["finished"] == ["normal", "low"]
+    assert out["timed_out"] == [504, "start_timeout", "user"]
+    assert "Started" not in out["late_logs"]
+
+
 def test_fal_client_stream(tls_service: dict) -> None:
     events = run_fal_client(
         tls_service,
