@@ -546,6 +546,14 @@ def replica_num_cpus(deployment: str) -> float:
     return options.get("num_cpus", 1)
 
 
+def ratio(total_ms: float, plain_ms: float) -> str:
+    """`total / plain`, or why there is none: on a busy machine the plain row can vanish into the idle
+    background that is subtracted from every row, and a ratio to ~0 would say nothing."""
+    if plain_ms < 0.01:
+        return "n/a (plain row within idle noise)"
+    return f"{total_ms / plain_ms:.1f}x"
+
+
 def render(args, workloads, costs, status_url, slow, counts, facts) -> str:
     plain_ms = costs[workloads[0].name].by_class["plain"]
     settings = ", ".join(f"`{name}={value}`" for name, value in facts["env"].items()) or "none"
@@ -569,7 +577,7 @@ def render(args, workloads, costs, status_url, slow, counts, facts) -> str:
         cells = ["", "", "", ""] if workload.plain else [f"{cost.by_class[name]:.2f}" for name in CLASSES]
         if "others" not in workload.counted:
             cells[CLASSES.index("others")] = f"({cells[CLASSES.index('others')]})"
-        lines.append(f"| {workload.name} | {' | '.join(cells)} | {total:.2f} | {total / plain_ms:.1f}x |")
+        lines.append(f"| {workload.name} | {' | '.join(cells)} | {total:.2f} | {ratio(total, plain_ms)} |")
     if not status_url:
         lines.append(
             f"| queue status poll (`GET {args.queue_path}/requests/{{id}}/status`) | n/a (no queue API) |||||| "

@@ -109,7 +109,6 @@ async def test_a_long_poll_returns_as_soon_as_something_changes() -> None:
     _, dispatcher = follow(store)
     await dispatcher.start()
     try:
-        await submitted(store, 1)
         current = await dispatcher.changes("", 0, 0, timeout_s=0)
         waiting = asyncio.ensure_future(dispatcher.changes(current.epoch, current.version, current.queue_version, 10))
         await asyncio.sleep(0.3)
