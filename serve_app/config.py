@@ -276,6 +276,12 @@ class QueueConfig(Section):
         "empty: webhooks are refused at submit. The service calls only these: anything else would be an SSRF hole.",
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=60, description="Per webhook attempt.")
+    webhook_signing_key_env: str = Field(
+        default="SDXL_SERVE_WEBHOOK_SIGNING_KEY",
+        description="Environment variable holding the Ed25519 key webhooks are signed with (PEM, or the base64 "
+        "of its 32-byte seed; from a Secret, never in args). Unset: one is generated once and kept (in Redis, or "
+        "beside the model cache); either way its public key is at /.well-known/jwks.json.",
+    )
     webhook_attempts: int = Field(
         default=10, ge=1, le=20, description="Attempts per webhook (fal's: 10 over about two hours)."
     )

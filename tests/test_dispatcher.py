@@ -334,7 +334,7 @@ class FlakyReceiver:
         self.failures = failures
         self.received: list[tuple[str, str]] = []
 
-    async def send(self, url: str, request_id: str, body: str) -> str:
+    async def send(self, url: str, request_id: str, owner: str, body: str) -> str:
         self.received.append((request_id, body))
         if len(self.received) <= self.failures:
             return "retry"

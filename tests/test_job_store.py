@@ -17,6 +17,7 @@ import redis
 from serve_app.contract.errors import ErrorBody, JobLost
 from serve_app.contract.queue import LogEntry
 from serve_app.queue import JobRecord, JobStore, QueueFull, StoreFull, StoreLimits, StoreUnavailable
+from serve_app.queue.store import SubmitRefused
 from tests.redis_server import redis_url  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.anyio
@@ -183,11 +184,15 @@ async def test_a_dead_model_replica_requeues_its_job_until_max_attempts(store: J
     assert (await store.get(ids[0])).error.error_type == "replica_failed"
 
 
-async def test_a_job_handed_back_before_it_ran_keeps_its_attempt(store: JobStore) -> None:
+async def test_a_job_handed_back_before_it_ran_keeps_its_attempt_not_its_token(store: JobStore) -> None:
+    """Its attempt is not counted, but the next claim's token is new: the first claim writes nothing more."""
     (request_id,) = await submit_many(store, 1)
-    claim = await store.claim(LONG_LEASE_S)
-    assert await store.release(request_id, claim.token, ran=False)
-    assert (await store.claim(LONG_LEASE_S)).token == "1"
+    first = await store.claim(LONG_LEASE_S)
+    assert await store.release(request_id, first.token, ran=False)
+    second = await store.claim(LONG_LEASE_S)
+    assert second.token != first.token and second.record.attempts == 1
+    assert await store.renew(request_id, first.token, LONG_LEASE_S) == "lost"
+    assert await store.append_logs(request_id, first.token, [log("late")]) == "stale"
 
 
 async def test_cancel(store: JobStore) -> None:
@@ -234,6 +239,16 @@ async def test_caps_evict_the_oldest_finished_jobs_and_their_files(make_store: S
     assert await store.get_file(f"{ids[0]}/0.png") is None
     assert await store.take_evictions() == {"cap": 2}
     assert await store.take_evictions() == {}  # each eviction reported once
+
+
+async def test_an_evicted_job_is_never_taken_for_a_lost_one(make_store: StoreFactory) -> None:
+    """A mirror that missed a job's completion still holds it as unfinished; the store evicted it since.
+    It is unknown now, not lost: no second outcome, no second webhook."""
+    store = make_store(limits=StoreLimits(max_finished_jobs_per_owner=1))
+    first, second = await finished_jobs(store, 2, "key:a")
+    assert await store.get(first) is None
+    assert await store.mark_lost([(first, "key:a", "https://hook/x")], JobLost().body()) == []
+    assert await store.get(first) is None
 
 
 async def test_one_owner_cannot_evict_another_owners_results(make_store: StoreFactory) -> None:
@@ -340,8 +355,10 @@ async def test_a_withdrawn_submit_never_runs(store: JobStore) -> None:
     assert await store.withdraw(taken.request_id)
     assert (await store.get(taken.request_id)).state == "COMPLETED"
     assert not await store.withdraw(late.request_id)
-    with pytest.raises(ValueError, match="withdrawn"):
+    with pytest.raises(SubmitRefused):
         await store.submit(late, max_queued=100)
+    with pytest.raises(SubmitRefused):  # reaching the store after its client was told 503
+        await store.submit(new_job("slow"), max_queued=100, accept_until=time.time() - 1)
     assert await store.queued_ids() == []
 
 

@@ -119,6 +119,10 @@ def build_http_app(
         """A queue result's image, while the job is kept: its URL carries a token of its own."""
         return await queue_api.file(f"{token}/{name}")
 
+    async def jwks() -> Response:
+        """The public key webhooks are signed with (ED25519, as a JWKS), as fal publishes its own."""
+        return await queue_api.jwks()
+
     async def playground() -> HTMLResponse:
         """A page to try the service: live previews, progress, the final image, cancel."""
         return HTMLResponse(PLAYGROUND_HTML)
@@ -146,6 +150,7 @@ def build_http_app(
         "cancel": (cancel, {"response_model": CancelAccepted, "status_code": 202, "responses": JOB_RESPONSES}),
         "file": (file, {"include_in_schema": False}),
         "playground": (playground, {"response_class": HTMLResponse, "include_in_schema": False}),
+        "jwks": (jwks, {}),
         "health": (health_check, {}),
     }
     for endpoint in routes.endpoints:

@@ -38,6 +38,7 @@ PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority: a low job wa
 FILES_PREFIX = "/files/"
 UNKNOWN_IDS_KEPT = 10_000
 UNKNOWN_FOR_S = 10.0  # job ids are made by the queue: one unknown now cannot become known later
+JWKS_KEPT_S = 60.0
 
 
 class QueueApi:
@@ -54,8 +55,11 @@ class QueueApi:
         self._keepalive_s = config.http.keepalive_s
         self._keys = keys or ApiKeys([])
         self.ledger = ledger  # set when the per-client limit is on: submits record their jobs in it
-        self._mirror = JobMirror(self._fetch_changes, self._audit, finished_ttl_s=config.queue.result_ttl_s)
+        self._mirror = JobMirror(
+            self._fetch_changes, self._audit, finished_ttl_s=config.queue.result_ttl_s, lease_s=config.queue.lease_s
+        )
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when it answers 404 from here
+        self._jwks: tuple[float, dict] | None = None  # (until when, the key set)
 
     async def _ask(self, method: str, *args: Any) -> Any:
         """Call the job queue; its failures as catalog errors."""
@@ -76,7 +80,10 @@ class QueueApi:
             check_webhook_url(webhook, self._webhook_allowed_hosts)
         priority = _priority(request.headers.get("x-fal-queue-priority"))
         owner = request_owner(self._keys, request.headers)
-        submitted: Submitted = await self._ask("submit", body, webhook, owner, priority, start_timeout_s(request))
+        base_url = str(request.base_url).rstrip("/")
+        submitted: Submitted = await self._ask(
+            "submit", body, webhook, owner, priority, start_timeout_s(request), base_url
+        )
         request_id = submitted.snapshot.request_id
         self._mirror.remember(submitted.snapshot, submitted.position)
         if self.ledger is not None and CLIENT_SCOPE_KEY in request.scope:
@@ -127,6 +134,12 @@ class QueueApi:
             raise NotFound("no such file (results are kept for `queue.result_ttl_s`, within the queue's caps)")
         data, content_type = found
         return Response(data, media_type=content_type, headers={"cache-control": "private, max-age=3600"})
+
+    async def jwks(self) -> Response:
+        """The public key webhooks are signed with, from the job queue, kept a minute."""
+        if self._jwks is None or self._jwks[0] < time.monotonic():
+            self._jwks = (time.monotonic() + JWKS_KEPT_S, await self._ask("jwks"))
+        return JSONResponse(self._jwks[1], headers={"cache-control": f"public, max-age={int(JWKS_KEPT_S)}"})
 
     def in_flight(self, request_id: str) -> bool:
         """Whether a job is still queued or running, from this replica's mirror (nothing leaves the

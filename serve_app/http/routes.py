@@ -85,5 +85,7 @@ def route_table(app_id: str) -> RouteTable:
             Endpoint("cancel", f"{job}/cancel", put),
             # Result images: their URLs carry an unguessable token, as fal's CDN URLs do.
             Endpoint("file", "/files/{token}/{name}", get, needs_key=False),
+            # The key webhooks are signed with, as fal publishes its own: receivers fetch it without a key.
+            Endpoint("jwks", "/.well-known/jwks.json", get, needs_key=False),
         ]
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import secrets
 import time
@@ -55,6 +54,7 @@ from serve_app.queue.store import (
     JobStore,
     StoreFull,
     StoreUnavailable,
+    SubmitRefused,
     WebhookDelivery,
 )
 from serve_app.queue.webhooks import WebhookSender, webhook_payload
@@ -120,13 +120,17 @@ class JobDispatcher:
         app_id: str,
         metrics: QueueMetrics | None = None,
         webhooks: WebhookSender | None = None,
+        shared_signing_key: str | None = None,
     ) -> None:
+        """`shared_signing_key`: the webhook key kept in the store, which this replica puts back there if
+        the store lost it (so that replicas started later sign with the same key)."""
         self._store = store
         self._generation = generation
         self._config = config
         self._app_id = app_id
         self._metrics = metrics or QueueMetrics()
         self._webhooks = webhooks or WebhookSender(config.webhook_timeout_s)
+        self._shared_signing_key = shared_signing_key
         self._runs: dict[str, _Run] = {}  # in dispatch order
         self._wake = asyncio.Event()  # something to dispatch (a submit, a run ended)
         self._feed_changed = asyncio.Event()
@@ -154,6 +158,8 @@ class JobDispatcher:
         jobs no model replica has taken yet back to the queue at once, gives running jobs that long to
         finish, then hands those back too. Without it (a crash, a test), leases lapse as they would."""
         self._claiming = False
+        async with self._dispatching:  # a claim under way lands before the hand-back, not after it
+            pass
         if handoff_wait_s > 0:
             await self._hand_back([run for run in self._runs.values() if not run.generating])
             running = [run.task for run in self._runs.values() if run.task is not None]
@@ -175,6 +181,7 @@ class JobDispatcher:
         owner: str,
         priority: int = 0,
         start_timeout_s: float | None = None,
+        base_url: str | None = None,
     ) -> Submitted:
         """Queue a job. Raises `QueueFull`/`Overloaded` (503) when the queue or the store is full, and
         `QueueUnavailable` (503) when the store does not answer within `store_wait_s`: never for a job
@@ -186,15 +193,19 @@ class JobDispatcher:
             webhook_url=webhook_url,
             priority=priority,
             logs=[LogEntry.now("Queued")],
+            base_url=base_url,
         )
         if start_timeout_s is not None:
             record.deadline = record.submitted_at + start_timeout_s
         deadline = time.monotonic() + self._config.store_wait_s
+        accept_until = time.time() + self._config.store_wait_s  # a submit landing later is refused by the store
         try:
             position = await self._store_call(
-                lambda: self._store.submit(record, self._config.max_queued, priority), until=deadline
+                lambda: self._store.submit(record, self._config.max_queued, priority, accept_until),
+                until=deadline,
+                wait_out_full=False,
             )
-        except StoreUnavailable as error:
+        except (StoreUnavailable, SubmitRefused) as error:
             self._spawn(self._withdraw(record.request_id))  # if the store took it after all, it never runs
             raise QueueUnavailable(retry_after_s=self._config.store_wait_s) from error
         except StoreFull as error:
@@ -241,6 +252,8 @@ class JobDispatcher:
         snapshots = []
         for snapshot in held:
             found = await self._read(lambda request_id=snapshot.request_id: self._store.snapshot(request_id))
+            if found is None and (run := self._runs.get(snapshot.request_id)) is not None:
+                found = JobSnapshot.of(run.claim.record)  # running here, not put back yet: not unknown
             if found is not None:
                 snapshots.append(found)
         return snapshots
@@ -267,17 +280,34 @@ class JobDispatcher:
     def stats(self) -> dict:
         return {"dispatched": len(self._runs), "claiming": self._claiming}
 
+    def jwks(self) -> dict:
+        """The public key webhooks are signed with, as a JWKS (an empty set when they are not signed)."""
+        signer = self._webhooks.signer
+        return signer.jwks() if signer is not None else {"keys": []}
+
     # --- the store, waited for --------------------------------------------------------------
 
-    async def _store_call(self, call: Callable[[], Awaitable[T]], until: float | None = None) -> T:
+    async def _store_call(
+        self, call: Callable[[], Awaitable[T]], until: float | None = None, wait_out_full: bool = True
+    ) -> T:
         """`call` until the store answers: while it does not, wait and try again (backoff), for ever or
-        until `until` (monotonic; then `StoreUnavailable`)."""
+        until `until` (monotonic; then `StoreUnavailable`). A store refusing writes for memory is waited
+        out the same way (its caps and sweeps free it), unless `wait_out_full` is off (a submit: 503)."""
         delay = STORE_BACKOFF_S[0]
         while True:
             if self._closed:  # stopping: a cancel a Redis client swallowed mid-command must not be lost
                 raise asyncio.CancelledError
             try:
                 answer = await call()
+            except StoreFull as error:
+                if not wait_out_full:
+                    raise
+                logger.warning("The job store refuses writes for memory (%s); waiting", error)
+                if until is not None and time.monotonic() + delay > until:
+                    raise StoreUnavailable(str(error)) from error
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_BACKOFF_S[1])
+                continue
             except StoreUnavailable as error:
                 self._unanswered(error)
                 if until is not None and time.monotonic() + delay > until:
@@ -372,7 +402,8 @@ class JobDispatcher:
         finally:
             for helper in helpers:
                 helper.cancel()
-            self._runs.pop(run.request_id, None)
+            if self._runs.get(run.request_id) is run:  # not a newer run of the same job
+                del self._runs[run.request_id]
             self._wake.set()
 
     async def _generate(self, run: _Run) -> _Outcome:
@@ -507,8 +538,15 @@ class JobDispatcher:
             lambda: self._store.finish(request_id, token, result=result, error=error, inference_time=inference_time)
         )
         if finished == "missing":  # the store lost the job while it ran: the run's result is still its
+            inline = outcome.final.result().model_dump() if outcome.final is not None else None  # files went too
             record = run.claim.record.model_copy(
-                update={"state": "COMPLETED", "result": result, "error": error, "inference_time": inference_time}
+                update={
+                    "state": "COMPLETED",
+                    "result": inline,
+                    "error": error,
+                    "inference_time": inference_time,
+                    "logs": [*run.claim.record.logs, *run.written_logs],
+                }
             )
             await self._store_call(lambda: self._store.restore(record))
             finished = "completed"
@@ -547,8 +585,10 @@ class JobDispatcher:
         for run in runs:
             run.stale = True
             run.stop()
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 await self._store.release(run.request_id, run.claim.token, ran=run.generating)
+            except Exception:  # noqa: BLE001 - the store away, or worse: its lease lapses instead
+                logger.warning("Job %s could not be handed back; its lease will lapse", run.request_id)
         self._poke_feed()
 
     async def _withdraw(self, request_id: str) -> None:
@@ -571,6 +611,8 @@ class JobDispatcher:
 
     async def _sweep(self) -> None:
         await self._store.sweep()
+        if self._shared_signing_key is not None:
+            await self._store.shared_signing_key(self._shared_signing_key)
         for reason, count in (await self._store.take_evictions()).items():
             self._metrics.evicted(reason, count)
 
@@ -583,14 +625,14 @@ class JobDispatcher:
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         body = delivery.body
         if not body:  # the first attempt: the body every attempt sends, made from the record once
-            record = await self._store_call(lambda: self._store.get(delivery.request_id))
+            record = await self._store_call(lambda: self._store.get(delivery.request_id)) or delivery.kept
             if record is None:
                 logger.warning("Webhook for %s: the job is gone before its first attempt", delivery.request_id)
                 await self._store_call(lambda: self._store.settle_webhook(delivery.request_id, None))
                 return
             made = webhook_payload(record).model_dump_json()
             body = await self._store_call(lambda: self._store.keep_webhook_body(delivery.request_id, made))
-        sent = await self._webhooks.send(delivery.url, delivery.request_id, body)
+        sent = await self._webhooks.send(delivery.url, delivery.request_id, delivery.owner, body)
         retry_in = None
         if sent == "retry" and delivery.attempt < self._config.webhook_attempts:
             retry_in = self._config.webhook_retry_base_s * 2 ** (delivery.attempt - 1)

@@ -65,11 +65,15 @@ class JobMirror:
         finished_ttl_s: float,
         poll_timeout_s: float = 10.0,
         audit_after_s: float = AUDIT_AFTER_S,
+        lease_s: float = 15.0,
     ) -> None:
+        """A running job is audited only once quiet past a lease as well: after the store lost it, its run
+        puts it back at its next renewal (every third of a lease), on whichever job-queue replica runs it."""
         self._fetch = fetch  # the job queue's `changes`, over its handle
         self._audit = audit  # the job queue's `audit`
         self._poll_timeout_s = poll_timeout_s
         self._audit_after_s = audit_after_s
+        self._running_quiet_s = audit_after_s + lease_s
         self._retention = Retention(finished_ttl_s)
         self._epoch = ""
         self._version = 0
@@ -142,11 +146,13 @@ class JobMirror:
         """Every few seconds: unfinished jobs unchanged for `audit_after_s`, checked against the store."""
         while True:
             await asyncio.sleep(self._audit_after_s / 2)
-            quiet_since = time.monotonic() - self._audit_after_s
+            now = time.monotonic()
             quiet = [
                 snapshot
                 for request_id, snapshot in self._jobs.items()
-                if snapshot.state != "COMPLETED" and self._heard.get(request_id, 0.0) < quiet_since
+                if snapshot.state != "COMPLETED"
+                and self._heard.get(request_id, 0.0)
+                < now - (self._running_quiet_s if snapshot.state == "IN_PROGRESS" else self._audit_after_s)
             ][:AUDIT_BATCH]
             if not quiet:
                 continue

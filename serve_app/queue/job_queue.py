@@ -8,6 +8,7 @@ Serve client over the SDXL deployment's handle by default.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -15,11 +16,13 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import QueueConfig
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.serve import ServeGenerationClient
-from serve_app.queue import StoreLimits, open_job_store
+from serve_app.queue import JobStore, StoreLimits, open_job_store
 from serve_app.queue.dispatcher import JobDispatcher, Submitted
 from serve_app.queue.metrics import ServeQueueMetrics
 from serve_app.queue.records import CancelOutcome, JobRecord
+from serve_app.queue.signing import WebhookSigner, new_seed
 from serve_app.queue.store import FeedChanges, JobSnapshot
+from serve_app.queue.webhooks import WebhookSender
 
 
 @serve.deployment
@@ -33,8 +36,15 @@ class JobQueue:
     ) -> None:
         self._config = config
         store = open_job_store(_redis_url(config), app_id=app_id, limits=store_limits(config))
+        signer, shared = await signing_key(config, store)
         self._dispatcher = JobDispatcher(
-            store, generation_client_cls(sdxl), config, app_id, metrics=ServeQueueMetrics()
+            store,
+            generation_client_cls(sdxl),
+            config,
+            app_id,
+            metrics=ServeQueueMetrics(),
+            webhooks=WebhookSender(config.webhook_timeout_s, signer),
+            shared_signing_key=shared,
         )
         await self._dispatcher.start()
 
@@ -45,8 +55,9 @@ class JobQueue:
         owner: str,
         priority: int = 0,
         start_timeout_s: float | None = None,
+        base_url: str | None = None,
     ) -> Submitted:
-        return await self._dispatcher.submit(request, webhook_url, owner, priority, start_timeout_s)
+        return await self._dispatcher.submit(request, webhook_url, owner, priority, start_timeout_s, base_url)
 
     async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
         return await self._dispatcher.changes(epoch, since, queue_since, timeout_s)
@@ -69,12 +80,29 @@ class JobQueue:
     def stats(self) -> dict:
         return {"pid": os.getpid(), **self._dispatcher.stats()}
 
+    def jwks(self) -> dict:
+        return self._dispatcher.jwks()
+
     async def __del__(self) -> None:
         """Serve calls this when the replica stops (a redeploy, a scale-down): the jobs it holds go back to
         the queue now rather than after their leases."""
         dispatcher = getattr(self, "_dispatcher", None)  # None if __init__ failed before it
         if dispatcher is not None:
             await dispatcher.close(handoff_wait_s=self._config.shutdown_handoff_s)
+
+
+async def signing_key(config: QueueConfig, store: JobStore) -> tuple[WebhookSigner, str | None]:
+    """The Secret's key; else one generated once and kept where every replica finds it: in Redis (then its
+    seed, which the replica keeps there), or, for the in-process store (one replica), in a file beside the
+    model cache."""
+    signer = WebhookSigner.from_env(config.webhook_signing_key_env)
+    if signer is not None:
+        return signer, None
+    if config.store == "redis":
+        seed = await store.shared_signing_key(new_seed())
+        return WebhookSigner.from_seed(seed), seed
+    cache = Path(os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve")
+    return WebhookSigner.kept_in_file(cache / "webhook-signing-key"), None
 
 
 def store_limits(config: QueueConfig) -> StoreLimits:

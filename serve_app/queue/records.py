@@ -41,6 +41,9 @@ class JobRecord(BaseModel):
     error: ErrorBody | None = None
     inference_time: float | None = Field(default=None, description="Seconds spent generating.")
     webhook_url: str | None = None
+    base_url: str | None = Field(
+        default=None, description="The service's address as its client called it: where `/files/...` URLs are."
+    )
     cancel_requested: bool = False
 
 

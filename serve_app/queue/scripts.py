@@ -11,14 +11,17 @@ Key layout under the prefix `P` (e.g. `sdxl:my-app:`):
                    seq - 2^50 in its band, ahead of every fresh job of the band, in submit order among requeued
   dispatched       zset id -> claim order: claimed, waiting for a model replica (still queued for the client)
   running          zset id -> lease expiry, ms of the Redis server's clock (TIME)
-  job:{id}         hash of the record's fields; `attempts` is the fencing token of the current claim
+  job:{id}         hash of the record's fields; `claims` (it only grows) is the current claim's fencing token,
+                   `attempts` what counts against max_attempts (a claim handed back unused does not)
   logs:{id}        list of JSON log entries
   files:{id}       set of the job's file keys; file:{key} hash {data, content_type, request_id}
   finished         zset id -> finish order (ms * 1000 + a counter); finished:{owner} the same per owner
   bytes            hash: `app` and `owner:{owner}` -> bytes of finished jobs (results, logs, files)
   deadlines        zset id -> when it must have started (ms; X-Fal-Request-Timeout), until it starts
-  outbox           zset id -> when its webhook is due (ms); webhook:{id} hash {url, body, attempts}
+  outbox           zset id -> when its webhook is due (ms); webhook:{id} hash {url, owner, body, attempts}
+  signing_key      the webhook signing key the replicas share when no Secret gives one (base64 seed)
   evictions        hash reason -> finished jobs evicted since a replica last took the count (for a metric)
+  evicted          zset id -> when: the last 100,000 finished jobs evicted (so none is taken for lost)
   withdrawn:{id}   a submit answered 503: if it reaches the store late, it is refused
 Queued and running jobs never expire; finished ones are evicted oldest first past the caps, and after
 the result TTL by `SWEEP`. Scripts derive per-job keys from the prefix: one Redis node, not Redis Cluster.
@@ -40,8 +43,8 @@ local function queue_changed()
   redis.call('INCR', P .. 'qversion')
   changed(nil)
 end
-local function holds(id, token)
-  local job = redis.call('HMGET', P .. 'job:' .. id, 'state', 'attempts')
+local function holds(id, token)  -- the token is the claim's number: it only ever grows
+  local job = redis.call('HMGET', P .. 'job:' .. id, 'state', 'claims')
   return job[1] == 'IN_PROGRESS' and job[2] == token
 end
 local function position(id)
@@ -62,7 +65,18 @@ local function delete_job(id)
   local fields = redis.call('HMGET', job, 'owner', 'bytes')
   local owner, size = fields[1] or '', tonumber(fields[2] or '0')
   for _, key in ipairs(redis.call('SMEMBERS', P .. 'files:' .. id)) do redis.call('DEL', P .. 'file:' .. key) end
+  local hook = P .. 'webhook:' .. id
+  if redis.call('EXISTS', hook) == 1 and redis.call('HEXISTS', hook, 'body') == 0 then
+    -- its webhook's first attempt has not made the body yet: keep what it is made from
+    local outcome = redis.call('HMGET', job, 'result', 'error', 'base_url')
+    if outcome[1] then redis.call('HSET', hook, 'result', outcome[1]) end
+    if outcome[2] then redis.call('HSET', hook, 'error', outcome[2]) end
+    if outcome[3] then redis.call('HSET', hook, 'base_url', outcome[3]) end
+  end
   redis.call('DEL', job, P .. 'logs:' .. id, P .. 'files:' .. id)
+  -- remembered as evicted (not lost): a mirror that missed its completion must not resurrect it
+  redis.call('ZADD', P .. 'evicted', now_ms(), id)
+  redis.call('ZREMRANGEBYRANK', P .. 'evicted', 0, -100001)
   redis.call('ZREM', P .. 'finished', id)
   redis.call('ZREM', P .. 'finished:' .. owner, id)
   redis.call('ZREM', P .. 'changed', id)
@@ -111,7 +125,7 @@ local function complete(id, finished_at, fields, caps)
   redis.call('HINCRBY', P .. 'bytes', 'owner:' .. owner, size)
   local url = redis.call('HGET', job, 'webhook_url')
   if url then  -- its body is made from the record at the first attempt, and kept for the others
-    redis.call('HSET', P .. 'webhook:' .. id, 'url', url, 'attempts', 0)
+    redis.call('HSET', P .. 'webhook:' .. id, 'url', url, 'owner', owner, 'attempts', 0)
     redis.call('ZADD', P .. 'outbox', ms, id)
   end
   changed(id)
@@ -120,21 +134,23 @@ local function complete(id, finished_at, fields, caps)
 end
 """
 
-# ARGV: P, epoch, id, max_queued, priority band, n (field args), field/value pairs..., log entries...
+# ARGV: P, epoch, id, max_queued, priority band, accept until (ms; its client is told 503 after it),
+# n (field args), field/value pairs..., log entries...
+# -> position; -1 the queue is full; -3 refused (withdrawn, or arrived after its client was told 503)
 SUBMIT = r"""
 local id = ARGV[3]
 local job = P .. 'job:' .. id
-if redis.call('EXISTS', P .. 'withdrawn:' .. id) == 1 then return -3 end  -- its client was told 503
 local state = redis.call('HGET', job, 'state')
 if state then  -- a retried submit whose first reply was lost: the same answer, not a second job
   if state == 'IN_QUEUE' then return position(id) end
-  return -2
+  return 0  -- already claimed or done: it was accepted all the same
 end
+if redis.call('EXISTS', P .. 'withdrawn:' .. id) == 1 or now_ms() > tonumber(ARGV[6]) then return -3 end
 if redis.call('ZCARD', P .. 'queue') >= tonumber(ARGV[4]) then return -1 end
 local seq = redis.call('INCR', P .. 'seq')
-local n = tonumber(ARGV[6])
-redis.call('HSET', job, 'seq', seq, 'attempts', 0, unpack(ARGV, 7, 6 + n))
-if #ARGV > 6 + n then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 7 + n)) end
+local n = tonumber(ARGV[7])
+redis.call('HSET', job, 'seq', seq, 'attempts', 0, 'claims', 0, unpack(ARGV, 8, 7 + n))
+if #ARGV > 7 + n then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 8 + n)) end
 redis.call('ZADD', P .. 'queue', tonumber(ARGV[5]) * 2^52 + seq, id)
 local deadline = redis.call('HGET', job, 'deadline')
 if deadline then redis.call('ZADD', P .. 'deadlines', tonumber(deadline) * 1000, id) end
@@ -143,7 +159,7 @@ queue_changed()
 return position(id)
 """
 
-# ARGV: P, epoch, lease_ms, started_at -> false | {id, HGETALL, LRANGE}
+# ARGV: P, epoch, lease_ms, started_at -> false | {id, HGETALL, LRANGE, token}
 CLAIM = r"""
 local head = redis.call('ZRANGE', P .. 'queue', 0, 0)
 if #head == 0 then return false end
@@ -152,11 +168,12 @@ local job = P .. 'job:' .. id
 redis.call('ZREM', P .. 'queue', id)
 redis.call('HSET', job, 'state', 'IN_PROGRESS', 'started_at', ARGV[4], 'generating', '0')
 redis.call('HINCRBY', job, 'attempts', 1)
+local token = redis.call('HINCRBY', job, 'claims', 1)
 redis.call('ZADD', P .. 'running', now_ms() + tonumber(ARGV[3]), id)
 redis.call('ZADD', P .. 'dispatched', redis.call('INCR', P .. 'seq'), id)
 changed(id)
 queue_changed()
-return {id, redis.call('HGETALL', job), redis.call('LRANGE', P .. 'logs:' .. id, 0, -1)}
+return {id, redis.call('HGETALL', job), redis.call('LRANGE', P .. 'logs:' .. id, 0, -1), token}
 """
 
 # ARGV: P, epoch, id, token, log entries... -> 1, 0 when the claim is no longer this token's, -1 when the
@@ -217,14 +234,19 @@ return {1, complete(id, ARGV[5], {unpack(ARGV, 10)}, caps)}
 """
 
 # A model replica died under the job. ARGV: P, epoch, id, token, max_attempts, finished_at, 4 caps,
-# error JSON -> 'requeued' | 'failed' (it took down max_attempts replicas, or was cancelled) | 'stale'
+# replica_failed error JSON, cancelled error JSON -> 'requeued' | 'failed' (it took down max_attempts
+# replicas) | 'cancelled' (a cancel was asked for) | 'stale'
 REQUEUE = r"""
 local id = ARGV[3]
 if not holds(id, ARGV[4]) then return 'stale' end
 local job = P .. 'job:' .. id
 local fields = redis.call('HMGET', job, 'attempts', 'seq', 'priority', 'cancel_requested')
-if tonumber(fields[1]) >= tonumber(ARGV[5]) or fields[4] == '1' then
-  local caps = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])}
+local caps = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])}
+if fields[4] == '1' then
+  complete(id, ARGV[6], {'error', ARGV[12]}, caps)
+  return 'cancelled'
+end
+if tonumber(fields[1]) >= tonumber(ARGV[5]) then
   complete(id, ARGV[6], {'error', ARGV[11]}, caps)
   return 'failed'
 end
@@ -301,7 +323,7 @@ local written = {}
 for i = 9, #ARGV, 3 do
   local id = ARGV[i]
   local job = P .. 'job:' .. id
-  if redis.call('EXISTS', job) == 0 then
+  if redis.call('EXISTS', job) == 0 and not redis.call('ZSCORE', P .. 'evicted', id) then
     redis.call('HSET', job, 'request_id', id, 'owner', ARGV[i + 1], 'attempts', 0, 'submitted_at', ARGV[3])
     if ARGV[i + 2] ~= '' then redis.call('HSET', job, 'webhook_url', ARGV[i + 2]) end
     complete(id, ARGV[3], {'error', ARGV[8]}, caps)
@@ -368,17 +390,18 @@ return {epoch, version, qversion, reset and 1 or 0, jobs, queued}
 """
 
 # Webhooks due, leased to the caller for lease_ms. ARGV: P, epoch, lease_ms, limit
-# -> {{id, url, body or '', attempts}...}
+# -> {{id, url, body or '', attempts, owner, and, kept from an evicted job: result, error, base_url}...}
 OUTBOX_DUE = r"""
 local now = now_ms()
 local due = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'outbox', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
   local hook = P .. 'webhook:' .. id
-  local fields = redis.call('HMGET', hook, 'url', 'body')
+  local fields = redis.call('HMGET', hook, 'url', 'body', 'owner', 'result', 'error', 'base_url')
   if fields[1] then
     local attempts = redis.call('HINCRBY', hook, 'attempts', 1)
     redis.call('ZADD', P .. 'outbox', now + tonumber(ARGV[3]), id)
-    table.insert(due, {id, fields[1], fields[2] or '', attempts})
+    table.insert(due, {id, fields[1], fields[2] or '', attempts, fields[3] or '', fields[4] or '', fields[5] or '',
+                       fields[6] or ''})
   else
     redis.call('ZREM', P .. 'outbox', id)
   end
@@ -414,9 +437,16 @@ return snapshot(ARGV[3])
 # it if it arrives late. ARGV: P, epoch, id, finished_at, 4 caps, cancelled error JSON, keep_ms
 WITHDRAW = r"""
 local id = ARGV[3]
+local job = P .. 'job:' .. id
 redis.call('SET', P .. 'withdrawn:' .. id, '1', 'PX', ARGV[10])
-if redis.call('HGET', P .. 'job:' .. id, 'state') ~= 'IN_QUEUE' then return 0 end
-redis.call('HDEL', P .. 'job:' .. id, 'request', 'webhook_url')
+local state = redis.call('HGET', job, 'state')
+if state == 'IN_PROGRESS' then  -- claimed meanwhile: its runner stops at its next renewal, and tells nobody
+  redis.call('HSET', job, 'cancel_requested', '1')
+  redis.call('HDEL', job, 'webhook_url')
+  return 1
+end
+if state ~= 'IN_QUEUE' then return 0 end
+redis.call('HDEL', job, 'request', 'webhook_url')
 local caps = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
 complete(id, ARGV[4], {'error', ARGV[9]}, caps)
 return 1
@@ -455,7 +485,7 @@ local id = ARGV[3]
 local job = P .. 'job:' .. id
 if redis.call('EXISTS', job) == 1 then return 0 end
 local n = tonumber(ARGV[6])
-redis.call('HSET', job, 'seq', redis.call('INCR', P .. 'seq'), 'attempts', ARGV[4], 'state', 'IN_PROGRESS',
+redis.call('HSET', job, 'seq', redis.call('INCR', P .. 'seq'), 'claims', ARGV[4], 'state', 'IN_PROGRESS',
            'generating', '1', unpack(ARGV, 7, 6 + n))
 if #ARGV > 6 + n then redis.call('RPUSH', P .. 'logs:' .. id, unpack(ARGV, 7 + n)) end
 redis.call('ZADD', P .. 'running', now_ms() + tonumber(ARGV[5]), id)
@@ -479,4 +509,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', now_ms
   end
 end
 return ids
+"""
+
+# The webhook signing key the replicas share when no Secret gives one. ARGV: P, epoch, a fresh key -> the key
+SIGNING_KEY = r"""
+local key = P .. 'signing_key'
+redis.call('SET', key, ARGV[3], 'NX')
+return redis.call('GET', key)
 """

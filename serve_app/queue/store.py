@@ -37,7 +37,7 @@ from serve_app.queue.records import (
     replica_failed_error,
 )
 
-REDIS_TIMEOUT_S = 2.0  # a paused or unreachable Redis is noticed in this long, not at TCP's pace
+REDIS_TIMEOUT_S = 1.0  # a paused or unreachable Redis is noticed in this long, not at TCP's pace
 FEED_LIMIT = 500  # changes per answer to a mirror; one further behind starts over
 
 
@@ -47,6 +47,10 @@ class StoreUnavailable(Exception):
 
 class StoreFull(Exception):
     """Redis refused a write for lack of memory (`maxmemory` with `noeviction`)."""
+
+
+class SubmitRefused(Exception):
+    """A submit that reached Redis after its client was told 503 (or after its withdrawal): not queued."""
 
 
 class QueueFull(Overloaded):
@@ -125,6 +129,8 @@ class WebhookDelivery:
     url: str
     body: str  # '' until the first attempt makes it
     attempt: int
+    owner: str  # the job's: fal's X-Fal-Webhook-User-Id
+    kept: JobRecord | None = None  # what the body is made of, when the job was evicted before its first attempt
 
 
 T = TypeVar("T")
@@ -145,7 +151,12 @@ def _translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
             message = str(error)
             if isinstance(error, redis.exceptions.OutOfMemoryError) or "maxmemory" in message:
                 raise StoreFull(message) from error
-            if message.startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY")):
+            failing_over = (
+                redis.exceptions.ReadOnlyError,
+                redis.exceptions.MasterDownError,
+                redis.exceptions.TryAgainError,
+            )
+            if isinstance(error, failing_over):  # a replica taking over: it answers again in a moment
                 raise StoreUnavailable(message) from error
             raise
 
@@ -169,7 +180,7 @@ class JobStore:
             for name in (
                 "SUBMIT", "CLAIM", "START", "LOG", "RENEW", "PUT_FILE", "FINISH", "REQUEUE", "CANCEL", "RECLAIM",
                 "LOST", "RESTORE", "SWEEP", "CHANGES", "OUTBOX_DUE", "OUTBOX_SETTLE", "WEBHOOK_BODY", "SNAPSHOT",
-                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT", "EXPIRE",
+                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT", "EXPIRE", "SIGNING_KEY",
             )
         }  # fmt: skip
 
@@ -200,17 +211,22 @@ class JobStore:
     # --- submitting and reading ----------------------------------------------------------------
 
     @_translated
-    async def submit(self, record: JobRecord, max_queued: int, priority: int = 0) -> int:
+    async def submit(
+        self, record: JobRecord, max_queued: int, priority: int = 0, accept_until: float | None = None
+    ) -> int:
         """Append a fresh record to the queue tail of its priority band (0 normal, 1 low); its 0-based
-        position. Submitting the same id again answers the same (a retry whose reply was lost). Raises
-        `QueueFull`."""
+        position. Submitting the same id again answers the same (a retry whose reply was lost). A submit
+        that reaches Redis after `accept_until` (Unix seconds: its client has been told 503 by then), or
+        after `withdraw`, is refused (`SubmitRefused`). Raises `QueueFull`."""
         fields = _flat(_record_fields(record))
         logs = [log.model_dump_json() for log in record.logs]
-        position = await self._run("SUBMIT", record.request_id, max_queued, priority, len(fields), *fields, *logs)
+        until = _ms(accept_until if accept_until is not None else time.time() + 3600)
+        args = [record.request_id, max_queued, priority, until, len(fields), *fields, *logs]
+        position = await self._run("SUBMIT", *args)
         if position == -1:
             raise QueueFull()
-        if position in (-2, -3):
-            raise ValueError(f"request {record.request_id} already exists, or was withdrawn")
+        if position == -3:
+            raise SubmitRefused(f"request {record.request_id} reached the store too late, or was withdrawn")
         return position
 
     @_translated
@@ -266,9 +282,9 @@ class JobStore:
         claimed = await self._run("CLAIM", _ms(lease_s), repr(time.time()))
         if not claimed:
             return None
-        _, flat, logs = claimed
+        _, flat, logs, token = claimed
         record = _record_from(dict(zip(flat[::2], flat[1::2], strict=True)), logs)
-        return Claim(record=record, token=str(record.attempts))
+        return Claim(record=record, token=str(token))
 
     @_translated
     async def start(self, request_id: str, token: str, logs: list[LogEntry]) -> Written:
@@ -327,11 +343,13 @@ class JobStore:
         return bool(await self._run("RESTORE", record.request_id, *self._finished_args(), *fields))
 
     @_translated
-    async def requeue(self, request_id: str, token: str, max_attempts: int) -> Literal["requeued", "failed", "stale"]:
+    async def requeue(
+        self, request_id: str, token: str, max_attempts: int
+    ) -> Literal["requeued", "failed", "cancelled", "stale"]:
         """The model replica running the job died: back to the queue front, unless it has taken down
-        `max_attempts` replicas (or a cancel was asked for): then it fails."""
-        error = replica_failed_error(max_attempts, "model").model_dump_json()
-        args = [request_id, token, max_attempts, *self._finished_args(), error]
+        `max_attempts` replicas ("failed") or a cancel was asked for ("cancelled")."""
+        errors = [replica_failed_error(max_attempts, "model"), cancelled_error()]
+        args = [request_id, token, max_attempts, *self._finished_args(), *(e.model_dump_json() for e in errors)]
         return (await self._run("REQUEUE", *args)).decode()
 
     @_translated
@@ -411,7 +429,7 @@ class JobStore:
             queue_version=queue_version,
             reset=bool(reset),
             jobs=[_snapshot_from(row) for row in jobs],
-            queued=None if not queued else [member.decode() for member in queued],
+            queued=None if queued is None else [member.decode() for member in queued],
         )
 
     # --- the webhook outbox -----------------------------------------------------------------------
@@ -421,9 +439,22 @@ class JobStore:
         """Deliveries due now, each leased to the caller for `lease_s` (another replica takes it after)."""
         due = await self._run("OUTBOX_DUE", _ms(lease_s), limit)
         return [
-            WebhookDelivery(request_id=row[0].decode(), url=row[1].decode(), body=row[2].decode(), attempt=row[3])
+            WebhookDelivery(
+                request_id=row[0].decode(),
+                url=row[1].decode(),
+                body=row[2].decode(),
+                attempt=row[3],
+                owner=row[4].decode(),
+                kept=_record_from_outcome(row[0], row[5], row[6], row[7]) if row[5] or row[6] else None,
+            )
             for row in due
         ]
+
+    @_translated
+    async def shared_signing_key(self, candidate: str) -> str:
+        """The webhook signing key every replica on this store uses: `candidate`, unless one is kept
+        (and `candidate` again after the store lost it: call it now and then)."""
+        return (await self._run("SIGNING_KEY", candidate)).decode()
 
     @_translated
     async def keep_webhook_body(self, request_id: str, body: str) -> str:
@@ -485,6 +516,7 @@ def _record_fields(record: JobRecord) -> dict[str, str]:
             "error": record.error,
             "inference_time": record.inference_time,
             "webhook_url": record.webhook_url,
+            "base_url": record.base_url,
         }
     )
 
@@ -513,7 +545,20 @@ def _record_from(raw: dict[bytes, bytes], logs: list[bytes]) -> JobRecord:
         error=ErrorBody.model_validate_json(fields["error"]) if "error" in fields else None,
         inference_time=number("inference_time"),
         webhook_url=fields.get("webhook_url"),
+        base_url=fields.get("base_url"),
         cancel_requested=fields.get("cancel_requested") == "1",
+    )
+
+
+def _record_from_outcome(request_id: bytes, result: bytes, error: bytes, base_url: bytes) -> JobRecord:
+    """What a webhook is made of, as kept when its job was evicted before the first attempt."""
+    return JobRecord(
+        request_id=request_id.decode(),
+        app_id="",
+        state="COMPLETED",
+        result=json.loads(result) if result else None,
+        error=ErrorBody.model_validate_json(error) if error else None,
+        base_url=base_url.decode() or None,
     )
 
 

@@ -17,6 +17,7 @@ import httpx
 from serve_app.contract.errors import WebhookNotAllowed
 from serve_app.contract.queue import WebhookPayload
 from serve_app.queue.records import JobRecord
+from serve_app.queue.signing import WebhookSigner
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,27 +38,40 @@ def check_webhook_url(url: str, allowed_hosts: list[str]) -> str:
 
 
 def webhook_payload(record: JobRecord) -> WebhookPayload:
-    """fal's webhook body: OK with the result as `payload`, or ERROR with the error's body."""
+    """fal's webhook body: OK with the result as `payload` (image URLs absolute, on the address the job
+    was submitted to), or ERROR with the error's body."""
     error = record.error
+    result = record.result
+    if result is not None and record.base_url:
+        images = [
+            {**image, "url": record.base_url.rstrip("/") + image["url"]}
+            if image["url"].startswith("/files/")
+            else image
+            for image in result.get("images", [])
+        ]
+        result = {**result, "images": images}
     return WebhookPayload(
         request_id=record.request_id,
         gateway_request_id=record.request_id,
         status="OK" if error is None else "ERROR",
-        payload=record.result if error is None else error.model_dump(),
+        payload=result if error is None else error.model_dump(),
         error=None if error is None else str(error.detail),
     )
 
 
 class WebhookSender:
-    """One attempt of one delivery; the outbox decides when to try again."""
+    """One attempt of one delivery, signed as fal signs it; the outbox decides when to try again."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, signer: WebhookSigner | None = None) -> None:
         self._timeout_s = timeout_s
+        self.signer = signer
 
-    async def send(self, url: str, request_id: str, body: str) -> Delivery:
+    async def send(self, url: str, request_id: str, owner: str, body: str) -> Delivery:
         """ "delivered" on a 2xx, "refused" on another answer a retry would not change (a 4xx but 408 and
         429), "retry" on anything else (no answer, 5xx). Redirects are not followed."""
         headers = {"content-type": "application/json"}
+        if self.signer is not None:
+            headers.update(self.signer.headers(request_id, owner, body.encode()))
         try:
             async with httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False) as client:
                 response = await client.post(url, content=body, headers=headers)

@@ -19,7 +19,7 @@ from httpx_sse import connect_sse
 from PIL import Image
 
 from tests.integration.conftest import OTHER_API_KEY, TEST_API_KEY, TEST_API_KEYS_ENV
-from tests.integration.harness import ServeHarness, decode_image, free_port, sdxl_stats
+from tests.integration.harness import REPO, ServeHarness, decode_image, free_port, sdxl_stats
 
 SMALL = {"prompt": "a red fox", "width": 256, "height": 256, "num_inference_steps": 6, "seed": 3}
 LONG = {"prompt": "a slow fox", "width": 512, "height": 512, "num_inference_steps": 40, "seed": 4}
@@ -33,11 +33,15 @@ class WebhookReceiver(ThreadingHTTPServer):
 
     def __init__(self) -> None:
         received: list[dict] = []
+        raw: list[tuple[dict, bytes]] = []  # (headers, body) as they came
         self.received = received
+        self.raw = raw
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                body = self.rfile.read(int(self.headers["content-length"]))
+                raw.append(({name.lower(): value for name, value in self.headers.items()}, body))
+                received.append(json.loads(body))
                 self.send_response(200)
                 self.end_headers()
 
@@ -45,6 +49,15 @@ class WebhookReceiver(ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", free_port()), Handler)
+
+
+def documented_receiver(jwks_url: str) -> dict:
+    """The webhook receiver docs/queue.md shows, run as written but for its JWKS URL."""
+    docs = (REPO / "docs" / "queue.md").read_text()
+    code = docs.split("<!-- webhook-receiver -->\n```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code.replace('"http://localhost:8000/.well-known/jwks.json"', repr(jwks_url)), namespace)  # noqa: S102
+    return namespace
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +263,18 @@ def test_webhooks_are_called_for_allowed_hosts_and_refused_at_submit_otherwise(
     (delivered,) = webhooks.received
     assert delivered["request_id"] == job["request_id"] and delivered["status"] == "OK"
     assert delivered["payload"]["seed"] == 3 and delivered["error"] is None
+    base = str(api.base_url).rstrip("/")
+    assert delivered["payload"]["images"][0]["url"].startswith(f"{base}/files/")  # absolute, as fal's
+
+    # Verified with the receiver code docs/queue.md shows, as a receiver written for fal's webhooks does.
+    receiver = documented_receiver(f"{base}/.well-known/jwks.json")
+    keys = receiver["public_keys"]()
+    (headers, body), *_ = webhooks.raw
+    assert receiver["verify_webhook"](headers, body, keys)
+    assert headers["x-fal-webhook-request-id"] == job["request_id"]
+    assert not receiver["verify_webhook"](headers, body.replace(b'"OK"', b'"ERROR"'), keys)  # a changed body
+    forged = {**headers, "x-fal-webhook-timestamp": str(int(headers["x-fal-webhook-timestamp"]) + 1)}
+    assert not receiver["verify_webhook"](forged, body, keys)
 
     for refused in ("http://169.254.169.254/latest/meta-data", "file:///etc/passwd", "http://user:pw@127.0.0.1/"):
         response = api.post("/queue/local/sdxl", json=SMALL, params={"fal_webhook": refused})
