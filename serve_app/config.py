@@ -237,7 +237,9 @@ class QueueConfig(Section):
     max_queued: int = Field(
         default=1000, ge=1, description="Jobs waiting beyond this many: submit answers 503 + Retry-After."
     )
-    result_ttl_s: float = Field(default=3600.0, gt=0, description="How long finished jobs and images are kept.")
+    result_ttl_s: float = Field(
+        default=3600.0, gt=0, description="How long finished jobs (status, result) are kept; images: `outputs_*`."
+    )
     lease_s: float = Field(
         default=15.0,
         ge=1,
@@ -269,6 +271,26 @@ class QueueConfig(Section):
         description="A stopping job-queue replica hands jobs no model replica has taken back at once, lets its "
         "running jobs finish for this long, then hands those back too (keep it under the deployment's "
         "`graceful_shutdown_timeout_s`).",
+    )
+    outputs_url: str = Field(
+        default="",
+        description="Where result images are stored: `s3://bucket/prefix` (endpoint, region and credentials from "
+        "the `AWS_*` environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), or a directory; empty: `outputs` "
+        "beside the model cache. Never in Redis.",
+    )
+    outputs_presigned_urls: bool = Field(
+        default=False,
+        description="Answer with the object store's presigned URLs (at most 7 days) instead of `/files/...` URLs "
+        "the app serves under their own unguessable token.",
+    )
+    outputs_default_expiration_s: float = Field(
+        default=7 * 86400, gt=0, description="How long result images are kept when the client asks nothing."
+    )
+    outputs_max_expiration_s: float | None = Field(
+        default=30 * 86400,
+        gt=0,
+        description="The most a client may ask for with X-Fal-Object-Lifecycle-Preference (and what its `null` "
+        "gets); null: no limit, kept until deleted by hand.",
     )
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list,

@@ -21,6 +21,7 @@ from serve_app.contract.events import RunMode
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.client import GenerationCall
 from serve_app.queue.dispatcher import DISPATCH_AHEAD, JobDispatcher
+from serve_app.queue.outputs import OutputStore
 from serve_app.queue.records import JobRecord
 from serve_app.queue.store import JobStore, StoreUnavailable
 from tests.tiny_engine import resolved, tiny_engine
@@ -67,12 +68,6 @@ def dispatcher(store: JobStore, client, config: QueueConfig = CONFIG, **kwargs) 
     return JobDispatcher(store, client, config, "local/sdxl", **kwargs)
 
 
-def image_seed_matches(record: JobRecord, files: dict[str, bytes]) -> bool:
-    """The stored file is the image of the result that names it (one run wrote both)."""
-    (image,) = record.result["images"]
-    return files[image["url"]] is not None
-
-
 class Switchable:
     """A store that can stop answering, as Redis killed or paused does: every call raises
     `StoreUnavailable` while `down` (a fake of the outage: the Redis suite kills a real one)."""
@@ -103,7 +98,7 @@ def test_a_job_runs_to_completion_with_fals_logs_and_its_images_stored(engine: S
         try:
             submitted = await jobs.submit(SMALL, webhook_url=None, owner=OWNER)
             record = await completed(store, submitted.snapshot.request_id)
-            return record, await store.get_file(record.result["images"][0]["url"].removeprefix("/files/"))
+            return record, await jobs.file(record.result["images"][0]["url"].removeprefix("/files/"))
         finally:
             await jobs.close()
 
@@ -240,12 +235,13 @@ def test_a_run_that_lost_its_claim_writes_nothing(engine: SDXLEngine) -> None:
         shared = JobStore.in_memory(server=server)
         seen_by_a = Switchable(JobStore.in_memory(server=server))
         client = InProcessGenerationClient(engine)
-        a = dispatcher(seen_by_a, client)
+        outputs = OutputStore.in_memory()  # one bucket both replicas write to
+        a = dispatcher(seen_by_a, client, outputs=outputs)
         await a.start()
         request_id = (await a.submit(LONG, webhook_url=None, owner=OWNER)).snapshot.request_id
         await running(shared, request_id)
         seen_by_a.down = True
-        b = dispatcher(JobStore.in_memory(server=server), client)
+        b = dispatcher(JobStore.in_memory(server=server), client, outputs=outputs)
         await b.start()
         try:
             record = await completed(shared, request_id)
@@ -253,7 +249,7 @@ def test_a_run_that_lost_its_claim_writes_nothing(engine: SDXLEngine) -> None:
             await asyncio.sleep(1.0)  # A's result, if it were allowed, would land now
             record = await shared.get(request_id)
             url = record.result["images"][0]["url"]
-            return record, {url: await shared.get_file(url.removeprefix("/files/"))}
+            return record, {url: await outputs.get(url.removeprefix("/files/"))}
         finally:
             await a.close()
             await b.close()

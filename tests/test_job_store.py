@@ -137,7 +137,7 @@ async def test_a_full_queue_refuses(store: JobStore) -> None:
 
 async def test_a_stale_claim_writes_nothing(store: JobStore) -> None:
     """A lease lapses while its run is cut off; the job is claimed again. The first run's renewals,
-    logs, files and result are refused: at most one run writes."""
+    logs and result are refused: at most one run writes."""
     (request_id,) = await submit_many(store, 1)
     first = await store.claim(SHORT_LEASE_S)
     await asyncio.sleep(EXPIRY_WAIT_S)
@@ -146,14 +146,11 @@ async def test_a_stale_claim_writes_nothing(store: JobStore) -> None:
     assert (first.token, second.token) == ("1", "2")
     assert await store.renew(request_id, first.token, LONG_LEASE_S) == "lost"
     assert await store.append_logs(request_id, first.token, [log("step 1/2")]) == "stale"
-    assert await store.put_file(request_id, first.token, "tok/0.jpeg", b"x", "image/jpeg") == "stale"
     assert await store.finish(request_id, first.token, result={"seed": 1}) == "stale"
     assert await store.renew(request_id, second.token, LONG_LEASE_S) == "kept"
-    assert await store.put_file(request_id, second.token, "tok/0.jpeg", b"y", "image/jpeg") == "stored"
     assert await store.finish(request_id, second.token, result={"seed": 2}, inference_time=1.25) == "completed"
     record = await store.get(request_id)
     assert (record.state, record.result, record.inference_time, record.attempts) == ("COMPLETED", {"seed": 2}, 1.25, 2)
-    assert await store.get_file("tok/0.jpeg") == (b"y", "image/jpeg")
     assert await store.finish(request_id, second.token, result={"seed": 3}) == "stale"  # exactly once
 
 
@@ -227,16 +224,14 @@ async def finished_jobs(store: JobStore, count: int, owner: str, size: int = 10)
     ids = await submit_many(store, count, owner=owner)
     for request_id in ids:
         claim = await store.claim(LONG_LEASE_S)
-        await store.put_file(request_id, claim.token, f"{request_id}/0.png", b"p" * size, "image/png")
-        await store.finish(request_id, claim.token, result={"n": 1})
+        await store.finish(request_id, claim.token, result={"n": "p" * size})
     return ids
 
 
-async def test_caps_evict_the_oldest_finished_jobs_and_their_files(make_store: StoreFactory) -> None:
+async def test_caps_evict_the_oldest_finished_jobs(make_store: StoreFactory) -> None:
     store = make_store(limits=StoreLimits(max_finished_jobs=3, max_finished_jobs_per_owner=3))
     ids = await finished_jobs(store, 5, "key:a")
     assert [await store.get(i) is not None for i in ids] == [False, False, True, True, True]
-    assert await store.get_file(f"{ids[0]}/0.png") is None
     assert await store.take_evictions() == {"cap": 2}
     assert await store.take_evictions() == {}  # each eviction reported once
 
@@ -263,12 +258,11 @@ async def test_finished_jobs_expire_queued_and_running_never(make_store: StoreFa
     store = make_store(limits=StoreLimits(result_ttl_s=0.3))
     done, running, queued = await submit_many(store, 3)
     claim = await store.claim(LONG_LEASE_S)
-    await store.put_file(done, claim.token, "f/0.png", b"x", "image/png")
     await store.finish(done, claim.token, result={})
     await store.claim(LONG_LEASE_S)
     await asyncio.sleep(0.5)
     assert await store.sweep() == 1
-    assert await store.get(done) is None and await store.get_file("f/0.png") is None
+    assert await store.get(done) is None
     assert (await store.get(running)).state == "IN_PROGRESS" and (await store.get(queued)).state == "IN_QUEUE"
 
 

@@ -29,6 +29,7 @@ from serve_app.http.middleware import CLIENT_SCOPE_KEY, ApiKeys, ClientLedger, r
 from serve_app.http.sse import SEPARATOR, keepalive_comment
 from serve_app.queue.dispatcher import Submitted
 from serve_app.queue.feed import JobMirror
+from serve_app.queue.outputs import parse_lifecycle
 from serve_app.queue.records import JobRecord
 from serve_app.queue.store import FeedChanges, JobSnapshot
 from serve_app.queue.webhooks import check_webhook_url
@@ -81,8 +82,9 @@ class QueueApi:
         priority = _priority(request.headers.get("x-fal-queue-priority"))
         owner = request_owner(self._keys, request.headers)
         base_url = str(request.base_url).rstrip("/")
+        keep_files = parse_lifecycle(request.headers.get("x-fal-object-lifecycle-preference"))
         submitted: Submitted = await self._ask(
-            "submit", body, webhook, owner, priority, start_timeout_s(request), base_url
+            "submit", body, webhook, owner, priority, start_timeout_s(request), base_url, keep_files
         )
         request_id = submitted.snapshot.request_id
         self._mirror.remember(submitted.snapshot, submitted.position)
@@ -131,7 +133,7 @@ class QueueApi:
     async def file(self, key: str) -> Response:
         found = await self._ask("file", key)
         if found is None:
-            raise NotFound("no such file (results are kept for `queue.result_ttl_s`, within the queue's caps)")
+            raise NotFound("no such file (expired: X-Fal-Object-Lifecycle-Preference, or queue.outputs_*)")
         data, content_type = found
         return Response(data, media_type=content_type, headers={"cache-control": "private, max-age=3600"})
 

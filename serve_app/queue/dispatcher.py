@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from serve_app.contract.queue import LogEntry
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.client import GenerationCall, GenerationClient
 from serve_app.queue.metrics import QueueMetrics
+from serve_app.queue.outputs import KeepFor, OutputStore
 from serve_app.queue.records import CancelOutcome, JobRecord
 from serve_app.queue.store import (
     Claim,
@@ -68,6 +68,7 @@ VERSION_POLL_S = 0.1  # how often the store's feed version is read: what other r
 OVERLOAD_RETRY_S = 1.0
 STORE_BACKOFF_S = (0.05, 2.0)  # first and longest wait between tries while the store does not answer
 SWEEP_EVERY_S = 60.0
+OUTPUTS_SWEEP_EVERY_S = 300.0  # objects expire by the minute; their URLs 404 on expiry whatever the sweep
 WEBHOOK_POLL_S = 0.5
 
 T = TypeVar("T")
@@ -121,10 +122,14 @@ class JobDispatcher:
         metrics: QueueMetrics | None = None,
         webhooks: WebhookSender | None = None,
         shared_signing_key: str | None = None,
+        outputs: OutputStore | None = None,
     ) -> None:
         """`shared_signing_key`: the webhook key kept in the store, which this replica puts back there if
-        the store lost it (so that replicas started later sign with the same key)."""
+        the store lost it (so that replicas started later sign with the same key). `outputs`: where result
+        images go (in memory by default, for tests)."""
         self._store = store
+        self._outputs = outputs or OutputStore.in_memory(config)
+        self._outputs_swept_at = 0.0
         self._generation = generation
         self._config = config
         self._app_id = app_id
@@ -182,6 +187,7 @@ class JobDispatcher:
         priority: int = 0,
         start_timeout_s: float | None = None,
         base_url: str | None = None,
+        keep_files: KeepFor = "default",
     ) -> Submitted:
         """Queue a job. Raises `QueueFull`/`Overloaded` (503) when the queue or the store is full, and
         `QueueUnavailable` (503) when the store does not answer within `store_wait_s`: never for a job
@@ -194,6 +200,7 @@ class JobDispatcher:
             priority=priority,
             logs=[LogEntry.now("Queued")],
             base_url=base_url,
+            keep_files_s=self._outputs.keep_for(keep_files),
         )
         if start_timeout_s is not None:
             record.deadline = record.submitted_at + start_timeout_s
@@ -259,11 +266,27 @@ class JobDispatcher:
         return snapshots
 
     async def result(self, request_id: str) -> JobRecord | None:
-        """The record of a job (with its result or error); None when unknown or evicted."""
-        return await self._read(lambda: self._store.get(request_id))
+        """The record of a job (with its result or error); None when unknown or evicted. A `sync_mode`
+        job's images come inline, as data URIs, read back from the object store."""
+        record = await self._read(lambda: self._store.get(request_id))
+        if record is None or not record.result or not (record.request or {}).get("sync_mode"):
+            return record
+        images = []
+        for image in record.result.get("images", []):
+            found = await self.file(image["url"].removeprefix("/files/"))
+            if found is None:  # expired: the URL answers 404, as a URL of any other job's would
+                images.append(image)
+                continue
+            data, content_type = found
+            images.append({**image, "url": f"data:{content_type};base64,{base64.b64encode(data).decode()}"})
+        return record.model_copy(update={"result": {**record.result, "images": images}})
 
     async def file(self, key: str) -> tuple[bytes, str] | None:
-        return await self._read(lambda: self._store.get_file(key))
+        try:
+            return await self._outputs.get(key)
+        except Exception as error:  # noqa: BLE001 - the object store away: 503, never its exception text
+            logger.warning("Reading %s from the object store failed: %r", key, error)
+            raise QueueUnavailable(retry_after_s=self._config.store_wait_s) from error
 
     async def cancel(self, request_id: str, owner: str | None) -> CancelOutcome:
         """fal's cancel: "removed" (was queued), "requested" (running: stops at the next step),
@@ -515,8 +538,6 @@ class JobDispatcher:
         """Write how the run ended, waiting for the store as long as it takes (the result is kept meanwhile);
         nothing at all if the claim went to another run."""
         request_id, token = run.request_id, run.claim.token
-        if outcome.final is not None:
-            self._log(run, "Completed")
         await self._flush_logs(run)
         if run.stale:
             return
@@ -532,17 +553,20 @@ class JobDispatcher:
             result = await self._stored_result(run, outcome.final)
             if result is None:
                 return  # the claim went stale while storing files
+            self._log(run, "Completed")  # once its images are stored: right before the job completes
+            await self._flush_logs(run)
+            if run.stale:
+                return
         error = outcome.error.body() if outcome.error is not None and outcome.final is None else None
         inference_time = outcome.final.timings.inference if outcome.final is not None else None
         finished = await self._store_call(
             lambda: self._store.finish(request_id, token, result=result, error=error, inference_time=inference_time)
         )
-        if finished == "missing":  # the store lost the job while it ran: the run's result is still its
-            inline = outcome.final.result().model_dump() if outcome.final is not None else None  # files went too
-            record = run.claim.record.model_copy(
+        if finished == "missing":  # the store lost the job while it ran: the run's result (files in the
+            record = run.claim.record.model_copy(  # object store) is still its
                 update={
                     "state": "COMPLETED",
-                    "result": inline,
+                    "result": result,
                     "error": error,
                     "inference_time": inference_time,
                     "logs": [*run.claim.record.logs, *run.written_logs],
@@ -558,26 +582,29 @@ class JobDispatcher:
         self._poke_feed()
 
     async def _stored_result(self, run: _Run, final: FinalEvent) -> dict | None:
-        """fal's result: with `sync_mode` the images inline as data URIs, else stored under a token of their
-        own (`/files/<token>/<i>.<ext>`: a file URL reveals nothing but the file). None when the claim went
-        stale meanwhile; inline when the store lost the job (nothing holds files for it any more)."""
+        """fal's result, its images in the object store: their URLs are `/files/<token>/<i>.<ext>` (a URL
+        reveals nothing but the file) or presigned URLs of the store; a `sync_mode` job's come back
+        inline when its result is read. An object store that fails is retried (the run's result is held
+        meanwhile, its lease renewed) until it answers or this replica stops; None if the claim went to
+        another run meanwhile (the files it stored expire unreferenced)."""
         result = final.result()
-        if not run.claim.record.request.get("sync_mode"):
-            file_token = secrets.token_urlsafe(18)
-            for index, image in enumerate(result.images):
-                data = base64.b64decode(image.url.split(",", 1)[1])
-                key = f"{file_token}/{index}.{image.content_type.split('/')[1]}"
-                stored = await self._store_call(
-                    lambda key=key, data=data, image=image: self._store.put_file(
-                        run.request_id, run.claim.token, key, data, image.content_type
-                    )
-                )
-                if stored == "stale":
-                    self._lost_claim(run)
-                    return None
-                if stored == "missing":
-                    return final.result().model_dump()
-                image.url = f"/files/{key}"
+        images = [(base64.b64decode(image.url.split(",", 1)[1]), image.content_type) for image in result.images]
+        sync_mode = bool(run.claim.record.request.get("sync_mode"))
+        delay = STORE_BACKOFF_S[0]
+        while True:
+            if self._closed:
+                raise asyncio.CancelledError
+            if run.stale:
+                return None
+            try:
+                urls = await self._outputs.put(run.claim.record.keep_files_s, images, presign=not sync_mode)
+                break
+            except Exception as error:  # noqa: BLE001 - whatever the object store raises, wait it out
+                logger.warning("Job %s: storing its images failed (%r); retrying", run.request_id, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_BACKOFF_S[1])
+        for image, url in zip(result.images, urls, strict=True):
+            image.url = url
         return result.model_dump()
 
     async def _hand_back(self, runs: list[_Run]) -> None:
@@ -611,6 +638,14 @@ class JobDispatcher:
 
     async def _sweep(self) -> None:
         await self._store.sweep()
+        if time.monotonic() - self._outputs_swept_at >= OUTPUTS_SWEEP_EVERY_S:
+            self._outputs_swept_at = time.monotonic()
+            try:
+                deleted = await self._outputs.sweep()
+                if deleted:
+                    logger.info("Deleted %d expired result files", deleted)
+            except Exception as error:  # noqa: BLE001 - the object store away: the next sweep deletes them
+                logger.warning("Sweeping expired result files failed: %r", error)
         if self._shared_signing_key is not None:
             await self._store.shared_signing_key(self._shared_signing_key)
         for reason, count in (await self._store.take_evictions()).items():

@@ -19,6 +19,7 @@ from serve_app.generation.serve import ServeGenerationClient
 from serve_app.queue import JobStore, StoreLimits, open_job_store
 from serve_app.queue.dispatcher import JobDispatcher, Submitted
 from serve_app.queue.metrics import ServeQueueMetrics
+from serve_app.queue.outputs import KeepFor, OutputStore
 from serve_app.queue.records import CancelOutcome, JobRecord
 from serve_app.queue.signing import WebhookSigner, new_seed
 from serve_app.queue.store import FeedChanges, JobSnapshot
@@ -45,6 +46,7 @@ class JobQueue:
             metrics=ServeQueueMetrics(),
             webhooks=WebhookSender(config.webhook_timeout_s, signer),
             shared_signing_key=shared,
+            outputs=OutputStore.open(config),
         )
         await self._dispatcher.start()
 
@@ -56,8 +58,11 @@ class JobQueue:
         priority: int = 0,
         start_timeout_s: float | None = None,
         base_url: str | None = None,
+        keep_files: KeepFor = "default",
     ) -> Submitted:
-        return await self._dispatcher.submit(request, webhook_url, owner, priority, start_timeout_s, base_url)
+        return await self._dispatcher.submit(
+            request, webhook_url, owner, priority, start_timeout_s, base_url, keep_files
+        )
 
     async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
         return await self._dispatcher.changes(epoch, since, queue_since, timeout_s)

@@ -44,6 +44,9 @@ class JobRecord(BaseModel):
     base_url: str | None = Field(
         default=None, description="The service's address as its client called it: where `/files/...` URLs are."
     )
+    keep_files_s: float | None = Field(
+        default=None, description="Seconds its images are kept (X-Fal-Object-Lifecycle-Preference); None: no end."
+    )
     cancel_requested: bool = False
 
 

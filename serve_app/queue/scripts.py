@@ -14,9 +14,9 @@ Key layout under the prefix `P` (e.g. `sdxl:my-app:`):
   job:{id}         hash of the record's fields; `claims` (it only grows) is the current claim's fencing token,
                    `attempts` what counts against max_attempts (a claim handed back unused does not)
   logs:{id}        list of JSON log entries
-  files:{id}       set of the job's file keys; file:{key} hash {data, content_type, request_id}
   finished         zset id -> finish order (ms * 1000 + a counter); finished:{owner} the same per owner
-  bytes            hash: `app` and `owner:{owner}` -> bytes of finished jobs (results, logs, files)
+  bytes            hash: `app` and `owner:{owner}` -> bytes of finished jobs (results, logs; images live in
+                   the object store, serve_app.queue.outputs)
   deadlines        zset id -> when it must have started (ms; X-Fal-Request-Timeout), until it starts
   outbox           zset id -> when its webhook is due (ms); webhook:{id} hash {url, owner, body, attempts}
   signing_key      the webhook signing key the replicas share when no Secret gives one (base64 seed)
@@ -64,7 +64,6 @@ local function delete_job(id)
   local job = P .. 'job:' .. id
   local fields = redis.call('HMGET', job, 'owner', 'bytes')
   local owner, size = fields[1] or '', tonumber(fields[2] or '0')
-  for _, key in ipairs(redis.call('SMEMBERS', P .. 'files:' .. id)) do redis.call('DEL', P .. 'file:' .. key) end
   local hook = P .. 'webhook:' .. id
   if redis.call('EXISTS', hook) == 1 and redis.call('HEXISTS', hook, 'body') == 0 then
     -- its webhook's first attempt has not made the body yet: keep what it is made from
@@ -73,7 +72,7 @@ local function delete_job(id)
     if outcome[2] then redis.call('HSET', hook, 'error', outcome[2]) end
     if outcome[3] then redis.call('HSET', hook, 'base_url', outcome[3]) end
   end
-  redis.call('DEL', job, P .. 'logs:' .. id, P .. 'files:' .. id)
+  redis.call('DEL', job, P .. 'logs:' .. id)
   -- remembered as evicted (not lost): a mirror that missed its completion must not resurrect it
   redis.call('ZADD', P .. 'evicted', now_ms(), id)
   redis.call('ZREMRANGEBYRANK', P .. 'evicted', 0, -100001)
@@ -114,7 +113,6 @@ local function complete(id, finished_at, fields, caps)
   local size = 0
   for _, name in ipairs({'request', 'result', 'error'}) do size = size + redis.call('HSTRLEN', job, name) end
   for _, entry in ipairs(redis.call('LRANGE', P .. 'logs:' .. id, 0, -1)) do size = size + #entry end
-  size = size + tonumber(redis.call('HGET', job, 'file_bytes') or '0')
   local owner = redis.call('HGET', job, 'owner') or ''
   redis.call('HSET', job, 'bytes', size)
   local ms = now_ms()
@@ -208,17 +206,6 @@ if redis.call('EXISTS', P .. 'job:' .. id) == 0 then return 3 end
 if not holds(id, ARGV[4]) then return 0 end
 redis.call('ZADD', P .. 'running', now_ms() + tonumber(ARGV[5]), id)
 if redis.call('HGET', P .. 'job:' .. id, 'cancel_requested') == '1' then return 2 end
-return 1
-"""
-
-# ARGV: P, epoch, id, token, key, data, content_type -> 1, 0 when stale, -1 when the store lost the job
-PUT_FILE = r"""
-local id = ARGV[3]
-if redis.call('EXISTS', P .. 'job:' .. id) == 0 then return -1 end
-if not holds(id, ARGV[4]) then return 0 end
-redis.call('HSET', P .. 'file:' .. ARGV[5], 'data', ARGV[6], 'content_type', ARGV[7], 'request_id', id)
-redis.call('SADD', P .. 'files:' .. id, ARGV[5])
-redis.call('HINCRBY', P .. 'job:' .. id, 'file_bytes', #ARGV[6])
 return 1
 """
 

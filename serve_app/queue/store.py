@@ -1,12 +1,12 @@
-"""The job store: queue, leases, results, files, the status feed and the webhook outbox of one app's jobs.
+"""The job store: queue, leases, results, the status feed and the webhook outbox of one app's jobs.
 
 One implementation, two backends: Redis (`JobStore.from_url`; jobs survive the job-queue replicas, and
 several replicas share it) and an in-process fakeredis (`JobStore.in_memory`, the default; jobs die with
 the replica). Every change is one Lua script (`serve_app.queue.scripts`), so it is atomic.
 
-Fencing: a claim's token is the job's attempt number. Starting, logging, renewing, storing files and
-finishing carry it, and the scripts refuse a stale one, so of two runs of one job (a lease that lapsed
-while its owner was cut off) at most one writes its files and result.
+Fencing: a claim's token is the job's attempt number. Starting, logging, renewing and finishing carry
+it, and the scripts refuse a stale one, so of two runs of one job (a lease that lapsed while its owner
+was cut off) at most one writes its result (a stale run's images stay unreferenced in the object store).
 
 Redis failing is not a job failing: an unanswered call raises `StoreUnavailable` (the caller waits and
 tries again) and a write Redis refuses for memory (`maxmemory` with `noeviction`) raises `StoreFull`.
@@ -178,7 +178,7 @@ class JobStore:
         self._scripts = {
             name: register(scripts.PRELUDE + getattr(scripts, name))
             for name in (
-                "SUBMIT", "CLAIM", "START", "LOG", "RENEW", "PUT_FILE", "FINISH", "REQUEUE", "CANCEL", "RECLAIM",
+                "SUBMIT", "CLAIM", "START", "LOG", "RENEW", "FINISH", "REQUEUE", "CANCEL", "RECLAIM",
                 "LOST", "RESTORE", "SWEEP", "CHANGES", "OUTBOX_DUE", "OUTBOX_SETTLE", "WEBHOOK_BODY", "SNAPSHOT",
                 "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT", "EXPIRE", "SIGNING_KEY",
             )
@@ -269,11 +269,6 @@ class JobStore:
         """Leased ids, soonest lease expiry first."""
         return [member.decode() for member in await self._redis.zrange(self._key("running"), 0, -1)]
 
-    @_translated
-    async def get_file(self, key: str) -> tuple[bytes, str] | None:
-        data, content_type = await self._redis.hmget(self._key("file:", key), ["data", "content_type"])
-        return None if data is None else (data, content_type.decode())
-
     # --- running a job, fenced by its claim's token ------------------------------------------------
 
     @_translated
@@ -310,14 +305,6 @@ class JobStore:
         fields = _flat({k: v for k, v in _record_fields(record).items() if k not in ("state", "attempts")})
         entries = [log.model_dump_json() for log in logs]
         return bool(await self._run("READOPT", record.request_id, token, _ms(lease_s), len(fields), *fields, *entries))
-
-    @_translated
-    async def put_file(
-        self, request_id: str, token: str, key: str, data: bytes, content_type: str
-    ) -> Literal["stored", "stale", "missing"]:
-        """Store a result's file under `key` (kept, and evicted, with its job)."""
-        stored = await self._run("PUT_FILE", request_id, token, key, data, content_type)
-        return {1: "stored", 0: "stale", -1: "missing"}[stored]
 
     @_translated
     async def finish(
@@ -517,6 +504,7 @@ def _record_fields(record: JobRecord) -> dict[str, str]:
             "inference_time": record.inference_time,
             "webhook_url": record.webhook_url,
             "base_url": record.base_url,
+            "keep_files_s": record.keep_files_s,
         }
     )
 
@@ -546,6 +534,7 @@ def _record_from(raw: dict[bytes, bytes], logs: list[bytes]) -> JobRecord:
         inference_time=number("inference_time"),
         webhook_url=fields.get("webhook_url"),
         base_url=fields.get("base_url"),
+        keep_files_s=number("keep_files_s"),
         cancel_requested=fields.get("cancel_requested") == "1",
     )
 

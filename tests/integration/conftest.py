@@ -8,6 +8,7 @@ import ray
 
 from tests.integration.harness import ServeHarness, free_port
 from tests.redis_server import redis_url  # noqa: F401 - a fixture
+from tests.s3_server import s3_endpoint, service_env  # noqa: F401 - a fixture
 
 TEST_API_KEYS_ENV = "SDXL_SERVE_TEST_API_KEYS"
 TEST_API_KEY = "sk-test-4a1f9c2e7b"
@@ -17,7 +18,7 @@ FAULT_REDIS_URL_ENV = "SDXL_SERVE_FAULT_REDIS_URL"  # a Redis the fault tests ki
 
 
 @pytest.fixture(scope="session")
-def serve_harness(tmp_path_factory: pytest.TempPathFactory, redis_url: str):  # noqa: F811
+def serve_harness(tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3_endpoint: str):  # noqa: F811
     """One Ray instance and Serve proxy for the whole integration session."""
     # Set in the environment Ray's processes inherit, not in `runtime_env`: Ray logs runtime_env.
     os.environ["SDXL_SERVE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
@@ -26,6 +27,9 @@ def serve_harness(tmp_path_factory: pytest.TempPathFactory, redis_url: str):  # 
     # Its port is chosen now (Ray's processes read the URL from the environment they start with); the
     # fault tests start that Redis themselves, with persistence, and kill it.
     os.environ[FAULT_REDIS_URL_ENV] = f"redis://127.0.0.1:{free_port()}/0"
+    # The S3 endpoint apps with `queue.outputs_url: s3://...` store result images in (moto's server);
+    # the others keep them in a directory under the model cache.
+    os.environ.update(service_env(s3_endpoint))
     # Logical CPUs: more than the machine has, so several test apps can be resident at once.
     ray.init(
         num_cpus=16,

@@ -29,6 +29,7 @@ import redis
 from tests.integration.conftest import FAULT_REDIS_URL_ENV, TEST_API_KEY, TEST_API_KEYS_ENV
 from tests.integration.harness import ServeHarness, free_port
 from tests.redis_server import RedisProcess
+from tests.s3_server import object_names
 
 APP = "faults"
 APP_ID = "local/sdxl"
@@ -36,6 +37,7 @@ KEY = {"authorization": f"Key {TEST_API_KEY}"}
 JOBS = 6
 BODY = {"prompt": "a fox in a storm", "width": 256, "height": 256, "num_inference_steps": 30}
 LEASE_S = 2.0
+BUCKET = "fault-suite-outputs"
 QUEUE = {
     "store": "redis",
     "redis_url_env": FAULT_REDIS_URL_ENV,
@@ -44,6 +46,7 @@ QUEUE = {
     "store_wait_s": 1.0,
     "webhook_allowed_hosts": ["127.0.0.1"],
     "webhook_retry_base_s": 0.5,
+    "outputs_url": f"s3://{BUCKET}/faults",  # result images: the S3 server the session started
 }
 TABLE: list[dict] = []
 
@@ -100,6 +103,7 @@ def deploy(serve_harness: ServeHarness, job_queues: int = 1, version: int = 0) -
 
 @pytest.fixture(scope="module")
 def url(serve_harness: ServeHarness, redis_server: RedisProcess) -> Iterator[str]:
+    httpx.put(f"{os.environ['AWS_ENDPOINT_URL']}/{BUCKET}").raise_for_status()
     yield deploy(serve_harness)
     serve_harness.remove(APP)
 
@@ -302,3 +306,53 @@ def test_two_job_queue_replicas_and_a_redeploy(url: str, serve_harness: ServeHar
 
     run_with_fault("two job-queue replicas, and a redeploy of every replica mid-run", url, receiver, fault)
     deploy(serve_harness, version=0)  # as the module's other tests found it
+
+
+def redis_values(client: redis.Redis) -> Iterator[bytes]:
+    """Every value the store holds, whatever its key's type."""
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            yield client.get(key)
+        elif kind == b"hash":
+            yield from client.hgetall(key).values()
+        elif kind == b"list":
+            yield from client.lrange(key, 0, -1)
+        elif kind == b"set":
+            yield from client.smembers(key)
+        elif kind == b"zset":
+            yield from client.zrange(key, 0, -1)
+
+
+def test_images_live_in_the_object_store_for_as_long_as_asked_and_never_in_redis(url: str, redis_server) -> None:
+    """Results name files in the S3 bucket (a `sync_mode` result inlines them, read back from there);
+    Redis holds no image bytes; a file asked to live 8 s answers 404 after that."""
+    lifecycle = {"x-fal-object-lifecycle-preference": json.dumps({"expiration_duration_seconds": 8})}
+    with httpx.Client(headers=KEY, timeout=60) as http:
+        plain = http.post(f"{url}/queue/{APP_ID}", json={**BODY, "num_inference_steps": 2}).json()["request_id"]
+        inline = http.post(f"{url}/queue/{APP_ID}", json={**BODY, "num_inference_steps": 2, "sync_mode": True})
+        short = http.post(f"{url}/queue/{APP_ID}", json={**BODY, "num_inference_steps": 2}, headers=lifecycle)
+        jobs = [plain, inline.json()["request_id"], short.json()["request_id"]]
+        deadline = time.monotonic() + 120
+        while not all(status_of(http, url, i)["status"] == "COMPLETED" for i in jobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        results = [http.get(f"{url}/queue/{APP_ID}/requests/{i}").json() for i in jobs]
+        short_url = results[2]["images"][0]["url"]
+        fetched = http.get(short_url)
+        stored = object_names(os.environ["AWS_ENDPOINT_URL"], BUCKET)
+        values = list(redis_values(redis.Redis.from_url(os.environ[FAULT_REDIS_URL_ENV])))
+        time.sleep(9)
+        expired = http.get(short_url)
+        kept = http.get(results[0]["images"][0]["url"])
+
+    assert fetched.status_code == 200 and fetched.content[:2] == b"\xff\xd8"
+    assert expired.status_code == 404 and expired.json()["error_type"] == "not_found"
+    assert kept.status_code == 200  # the default: days
+    assert results[1]["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    files = [result["images"][0]["url"].split("/files/", 1)[-1] for result in (results[0], results[2])]
+    for file in files:  # `/files/<expires>.<secret>/0.jpeg` is `<prefix>/<expires>/<secret>/0.jpeg` in the bucket
+        token, name = file.split("/")
+        assert f"faults/{token.replace('.', '/', 1)}/{name}" in stored
+    assert len(stored) >= 3  # the inline result's image too
+    assert values and not any(b"\xff\xd8\xff" in value or b"data:image" in value for value in values)

@@ -9,10 +9,11 @@ const input = JSON.parse(inputJson);
 const fal = useService(baseUrl);
 
 const statuses = [];
-const logs = [];
+let logs = [];
 const onQueueUpdate = (update) => {
   statuses.push(update.status);
-  for (const log of update.logs ?? []) logs.push(log.message);
+  // Each update carries every log so far (a poll answers them all; the stream's client accumulates them).
+  if (update.logs) logs = update.logs.map((log) => log.message);
 };
 
 if (mode === "polling" || mode === "streaming") {
