@@ -272,6 +272,11 @@ class QueueConfig(Section):
         "running jobs finish for this long, then hands those back too (keep it under the deployment's "
         "`graceful_shutdown_timeout_s`).",
     )
+    previews: bool = Field(
+        default=True,
+        description="Queued jobs make TAESD previews (at the request's `preview_interval`) for viewers of their "
+        "status stream with `?previews=1`; off: no preview is decoded for a queued job.",
+    )
     outputs_url: str = Field(
         default="",
         description="Where result images are stored: `s3://bucket/prefix` (endpoint, region and credentials from "

@@ -20,3 +20,16 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     finally:
         waiter.cancel()
     return bool(done)
+
+
+async def wait_any(first: asyncio.Event, second: asyncio.Event, timeout_s: float) -> bool:
+    """True once either event is set, False after `timeout_s`; a cancellation always propagates."""
+    if first.is_set() or second.is_set():
+        return True
+    waiters = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=max(0.0, timeout_s), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -395,3 +396,31 @@ def test_a_stopping_replica_hands_its_jobs_back_at_once(engine: SDXLEngine) -> N
     record, handed_back_after = run(scenario)
     assert record.error is None and record.attempts == 1  # its first claim never reached a model replica
     assert handed_back_after < CONFIG.lease_s  # not after the lease lapsed
+
+
+def test_a_running_jobs_previews_reach_its_viewers_and_leave_the_store_with_it(engine: SDXLEngine) -> None:
+    """`queue.previews`: the run's TAESD previews are kept (the latest few) for viewers, who long-poll
+    for the ones after their last; none is left once the job completes. Off: none is made."""
+
+    async def scenario(config: QueueConfig) -> tuple[list, list, list]:
+        store = JobStore.in_memory()
+        jobs = dispatcher(store, InProcessGenerationClient(engine), config)
+        await jobs.start()
+        try:
+            request_id = (await jobs.submit(LONG, webhook_url=None, owner=OWNER)).snapshot.request_id
+            seen: list = []
+            while (await store.get(request_id)).state != "COMPLETED":
+                after = seen[-1][0] if seen else ""
+                seen += await jobs.previews(request_id, after, timeout_s=0.5)  # a long poll
+            return seen, await store.previews_after(request_id, ""), await jobs.previews(request_id, "", 0)
+        finally:
+            await jobs.close()
+
+    seen, kept, after = run(lambda: scenario(CONFIG))
+    events = [json.loads(event) for _, event in seen]
+    assert len(events) >= 3 and all(event["type"] == "preview" for event in events)
+    steps = [event["step"] for event in events]
+    assert steps == sorted(set(steps)) and steps[-1] >= 40  # each once, in order, to the end of the run
+    assert events[0]["image"]["url"].startswith("data:image/jpeg;base64,")
+    assert kept == [] and after == []
+    assert run(lambda: scenario(CONFIG.model_copy(update={"previews": False}))) == ([], [], [])

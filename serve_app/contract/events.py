@@ -23,6 +23,7 @@ class RunMode:
 STREAM = RunMode(previews=True, progress=False)  # POST /stream
 RESULT_ONLY = RunMode(previews=False, progress=False)  # POST /
 QUEUE_JOB = RunMode(previews=False, progress=True)  # a queue job: a log line per step
+WATCHED_QUEUE_JOB = RunMode(previews=True, progress=True)  # ...and previews for its viewers (queue.previews)
 
 
 class ImageFile(BaseModel):

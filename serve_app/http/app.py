@@ -6,6 +6,7 @@ late-bound ingress, `__serve_build_asgi_app__`), so the middlewares get their se
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the routes.
+import html
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -103,9 +104,13 @@ def build_http_app(
         """IN_QUEUE (with `queue_position`), IN_PROGRESS or COMPLETED; `logs=1` adds the job's logs."""
         return await queue_api.status(request_id, request, logs)
 
-    async def status_stream(request_id: str, request: Request, logs: str | None = None) -> Response:
-        """The same status objects as Server-Sent Events, ending after COMPLETED."""
-        return await queue_api.status_stream(request_id, request, logs)
+    async def status_stream(
+        request_id: str, request: Request, logs: str | None = None, previews: str | None = None
+    ) -> Response:
+        """The same status objects as Server-Sent Events, ending after COMPLETED. `previews=1` adds the
+        running job's TAESD previews (`{"type": "preview", ...}`, as `POST /stream` sends them) and gives
+        every event an SSE `id`: a viewer reconnecting with `Last-Event-ID` resumes where it was."""
+        return await queue_api.status_stream(request_id, request, logs, previews)
 
     async def result(request_id: str, request: Request) -> Response:
         """The result, as `POST /` returns it; a failed or cancelled job's error with its status."""
@@ -125,7 +130,7 @@ def build_http_app(
 
     async def playground() -> HTMLResponse:
         """A page to try the service: live previews, progress, the final image, cancel."""
-        return HTMLResponse(PLAYGROUND_HTML)
+        return HTMLResponse(PLAYGROUND_HTML.replace("__APP_ID__", html.escape(config.app_id)))
 
     async def health_check() -> Response:
         """200 once at least one SDXL replica has loaded its model, 503 before."""

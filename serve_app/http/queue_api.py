@@ -9,9 +9,11 @@ it: for anyone else every route answers exactly as for an unknown id.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -20,12 +22,19 @@ from ray.serve.handle import DeploymentHandle
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from serve_app.config import AppConfig
-from serve_app.contract.errors import AlreadyCompleted, NotCompleted, NotFound, ValidationFailed, from_body
+from serve_app.contract.errors import (
+    AlreadyCompleted,
+    NotCompleted,
+    NotFound,
+    ValidationFailed,
+    from_body,
+)
 from serve_app.contract.queue import CancelAccepted, JobUrls, QueueMetrics, QueueStatus, QueueSubmitted
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.ray_errors import from_ray
 from serve_app.http.errors import error_response
 from serve_app.http.middleware import CLIENT_SCOPE_KEY, ApiKeys, ClientLedger, request_owner
+from serve_app.http.preview_fanout import PreviewFanout
 from serve_app.http.sse import SEPARATOR, keepalive_comment
 from serve_app.queue.dispatcher import Submitted
 from serve_app.queue.feed import JobMirror
@@ -33,6 +42,7 @@ from serve_app.queue.outputs import parse_lifecycle
 from serve_app.queue.records import JobRecord
 from serve_app.queue.store import FeedChanges, JobSnapshot
 from serve_app.queue.webhooks import check_webhook_url
+from serve_app.waiting import wait_any
 
 LOG_FLAGS = {"1": True, "true": True, "0": False, "false": False}
 PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority: a low job waits behind every normal one
@@ -40,6 +50,7 @@ FILES_PREFIX = "/files/"
 UNKNOWN_IDS_KEPT = 10_000
 UNKNOWN_FOR_S = 10.0  # job ids are made by the queue: one unknown now cannot become known later
 JWKS_KEPT_S = 60.0
+EVENT_ID = re.compile(r"(\d{1,9})\.(\d{1,20}-\d{1,20})?")
 
 
 class QueueApi:
@@ -61,6 +72,9 @@ class QueueApi:
         )
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when it answers 404 from here
         self._jwks: tuple[float, dict] | None = None  # (until when, the key set)
+        self._previews = PreviewFanout(
+            lambda request_id, after, timeout_s: self._ask("previews", request_id, after, timeout_s)
+        )
 
     async def _ask(self, method: str, *args: Any) -> Any:
         """Call the job queue; its failures as catalog errors."""
@@ -99,11 +113,18 @@ class QueueApi:
         snapshot = await self._snapshot(request_id, request)
         return _json(self._status(snapshot, request, _log_flag(logs)).wire())
 
-    async def status_stream(self, request_id: str, request: Request, logs: str | None) -> Response:
+    async def status_stream(
+        self, request_id: str, request: Request, logs: str | None, previews: str | None = None
+    ) -> Response:
         snapshot = await self._snapshot(request_id, request)  # unknown: 404 before the stream starts
         with_logs = _log_flag(logs)
+        if _flag(previews, "previews"):
+            cursor = ViewerCursor.parse(request.headers.get("last-event-id"))
+            events = self._watched_events(snapshot, request, with_logs, cursor)
+        else:
+            events = self._status_events(snapshot, request, with_logs)
         return EventSourceResponse(
-            self._status_events(snapshot, request, with_logs),
+            events,
             ping=self._keepalive_s,
             ping_message_factory=keepalive_comment,
             sep=SEPARATOR,
@@ -193,6 +214,32 @@ class QueueApi:
             await self._mirror.wait_for_change(self._keepalive_s)
             snapshot = self._mirror.get(snapshot.request_id) or snapshot
 
+    async def _watched_events(
+        self, snapshot: JobSnapshot, request: Request, with_logs: bool, cursor: ViewerCursor
+    ) -> AsyncIterator[ServerSentEvent]:
+        """The status events of `_status_events` and, between them, the running job's previews, each
+        event with the cursor's id (logs sent, last preview sent) to resume from."""
+        last = None
+        async with self._previews.watch(snapshot.request_id) as previews:
+            while True:
+                status = self._status(snapshot, request, with_logs)
+                if with_logs:
+                    status.logs = snapshot.logs[cursor.logs :]
+                    cursor.logs = len(snapshot.logs)
+                body = status.wire()
+                if body != last:
+                    yield ServerSentEvent(body, id=cursor.event_id(), sep=SEPARATOR)
+                    last = body
+                if snapshot.state == "COMPLETED":
+                    return
+                for entry_id, event_json in previews.after(cursor.preview):
+                    cursor.preview = entry_id
+                    yield ServerSentEvent(event_json, id=cursor.event_id(), sep=SEPARATOR)
+                changed = previews.changed
+                if not previews.after(cursor.preview):
+                    await wait_any(changed, self._mirror.changed_event(), self._keepalive_s)
+                snapshot = self._mirror.get(snapshot.request_id) or snapshot
+
     def _status(self, snapshot: JobSnapshot, request: Request, with_logs: bool) -> QueueStatus:
         status = QueueStatus(
             status=snapshot.state,
@@ -245,11 +292,36 @@ def _priority(header: str | None) -> int:
 
 
 def _log_flag(logs: str | None) -> bool:
-    if logs is None:
+    return _flag(logs, "logs")
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None:
         return False
-    if logs.lower() not in LOG_FLAGS:
-        raise ValidationFailed("logs must be one of 0, 1, true, false")
-    return LOG_FLAGS[logs.lower()]
+    if value.lower() not in LOG_FLAGS:
+        raise ValidationFailed(f"{name} must be one of 0, 1, true, false")
+    return LOG_FLAGS[value.lower()]
+
+
+@dataclass
+class ViewerCursor:
+    """Where a watcher of a job is: log lines sent, the last preview's entry id. It is each event's SSE
+    `id` (`<logs>.<preview id>`), which an EventSource sends back as `Last-Event-ID` when it reconnects."""
+
+    logs: int = 0
+    preview: str = ""
+
+    @classmethod
+    def parse(cls, last_event_id: str | None) -> ViewerCursor:
+        if not last_event_id:
+            return cls()
+        match = EVENT_ID.fullmatch(last_event_id.strip())
+        if match is None:
+            raise ValidationFailed("Last-Event-ID must be an id this stream sent (`<logs>.<preview id>`)")
+        return cls(logs=int(match[1]), preview=match[2] or "")
+
+    def event_id(self) -> str:
+        return f"{self.logs}.{self.preview}"
 
 
 def _absolute_files(result: dict, request: Request) -> dict:

@@ -40,7 +40,7 @@ from serve_app.contract.errors import (
     ServiceError,
     as_service_error,
 )
-from serve_app.contract.events import QUEUE_JOB, FinalEvent, ProgressEvent
+from serve_app.contract.events import QUEUE_JOB, WATCHED_QUEUE_JOB, FinalEvent, PreviewEvent, ProgressEvent
 from serve_app.contract.queue import LogEntry
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.client import GenerationCall, GenerationClient
@@ -68,6 +68,7 @@ VERSION_POLL_S = 0.1  # how often the store's feed version is read: what other r
 OVERLOAD_RETRY_S = 1.0
 STORE_BACKOFF_S = (0.05, 2.0)  # first and longest wait between tries while the store does not answer
 SWEEP_EVERY_S = 60.0
+PREVIEW_POLL_S = 0.25  # how soon a viewer sees a preview written by another job-queue replica
 OUTPUTS_SWEEP_EVERY_S = 300.0  # objects expire by the minute; their URLs 404 on expiry whatever the sweep
 WEBHOOK_POLL_S = 0.5
 
@@ -94,6 +95,8 @@ class _Run:
     logs_ready: asyncio.Event = field(default_factory=asyncio.Event)
     logs_writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one batch at a time, in order
     written_logs: list[LogEntry] = field(default_factory=list)  # this run's, as stored: to put a lost job back
+    preview: str | None = None  # the latest preview not yet written for viewers (older ones are dropped)
+    preview_writer: asyncio.Task | None = field(default=None, repr=False)
     task: asyncio.Task | None = field(default=None, repr=False)
 
     @property
@@ -139,6 +142,7 @@ class JobDispatcher:
         self._runs: dict[str, _Run] = {}  # in dispatch order
         self._wake = asyncio.Event()  # something to dispatch (a submit, a run ended)
         self._feed_changed = asyncio.Event()
+        self._preview_written = asyncio.Event()  # replaced after each set, as _feed_changed
         self._feed_version: tuple[str, int] = ("", 0)
         self._dispatching = asyncio.Lock()
         self._healthy_since: float | None = None  # monotonic: since when every store call was answered
@@ -437,6 +441,9 @@ class JobDispatcher:
             logger.exception("Job %s has a request this version cannot run", run.request_id)
             return _Outcome(error=as_service_error(ValueError()))
 
+        async def on_preview(event: PreviewEvent) -> None:
+            self._show_preview(run, event)
+
         async def on_progress(event: ProgressEvent) -> None:
             if not run.generating:
                 run.generating = True
@@ -447,9 +454,9 @@ class JobDispatcher:
         while True:
             if run.cancelled or run.stale:
                 return _Outcome(error=Cancelled("the job was cancelled"))
-            run.call = self._generation.events(request, QUEUE_JOB)
+            run.call = self._generation.events(request, WATCHED_QUEUE_JOB if self._config.previews else QUEUE_JOB)
             try:
-                return _Outcome(final=await run.call.result(on_progress=on_progress))
+                return _Outcome(final=await run.call.result(on_progress=on_progress, on_preview=on_preview))
             except Overloaded:
                 await asyncio.sleep(OVERLOAD_RETRY_S)  # every model queue is full of streams: wait, still queued
             except ServiceError as error:
@@ -466,6 +473,36 @@ class JobDispatcher:
             run.stale = True
             run.stop()
             self._wake.set()
+
+    def _show_preview(self, run: _Run, event: PreviewEvent) -> None:
+        """Kept in the store for the job's viewers, behind the run: one write at a time, and a preview that
+        arrives while one is written replaces any still waiting (a viewer wants the latest, and the
+        generation never waits for the store)."""
+        run.preview = event.model_dump_json()
+        if run.preview_writer is None or run.preview_writer.done():
+            run.preview_writer = asyncio.get_running_loop().create_task(self._write_previews(run))
+
+    async def _write_previews(self, run: _Run) -> None:
+        while run.preview is not None and not run.stale and not self._closed:
+            event_json, run.preview = run.preview, None
+            try:
+                await self._store.put_preview(run.request_id, run.claim.token, event_json)
+            except StoreUnavailable:
+                return  # previews are for watching: one lost to an outage is not retried
+            self._preview_written.set()
+            self._preview_written = asyncio.Event()
+
+    async def previews(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, str]]:
+        """A running job's previews after `after` (an entry id, "" for all kept), as soon as there are any
+        (a long poll): [(id, PreviewEvent JSON)], [] after `timeout_s` without one."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            entries = await self._read(lambda: self._store.previews_after(request_id, after))
+            remaining = deadline - time.monotonic()
+            if entries or remaining <= 0:
+                return entries
+            # Written here: woken at once; written by another replica: seen within a poll.
+            await wait_event(self._preview_written, min(PREVIEW_POLL_S, remaining))
 
     def _log(self, run: _Run, message: str) -> None:
         """Written behind the run (`_write_logs`): the store being away never holds a generation up."""

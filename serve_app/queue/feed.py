@@ -104,6 +104,10 @@ class JobMirror:
         if position is not None:
             self._positions.setdefault(snapshot.request_id, position)
 
+    def changed_event(self) -> asyncio.Event:
+        """Set at the next applied change (a fresh event after each)."""
+        return self._changed
+
     async def wait_for_change(self, timeout_s: float) -> None:
         """Return after the next applied change, or after `timeout_s`."""
         await wait_event(self._changed, timeout_s)

@@ -67,6 +67,9 @@ class JobQueue:
     async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
         return await self._dispatcher.changes(epoch, since, queue_since, timeout_s)
 
+    async def previews(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, str]]:
+        return await self._dispatcher.previews(request_id, after, timeout_s)
+
     async def snapshot(self, request_id: str) -> JobSnapshot | None:
         return await self._dispatcher.snapshot(request_id)
 

@@ -14,6 +14,8 @@ Key layout under the prefix `P` (e.g. `sdxl:my-app:`):
   job:{id}         hash of the record's fields; `claims` (it only grows) is the current claim's fencing token,
                    `attempts` what counts against max_attempts (a claim handed back unused does not)
   logs:{id}        list of JSON log entries
+  previews:{id}    stream of the running job's latest previews (JSON events, at most PREVIEWS_KEPT): for its
+                   viewers; deleted when it completes, and expiring if its runner vanished
   finished         zset id -> finish order (ms * 1000 + a counter); finished:{owner} the same per owner
   bytes            hash: `app` and `owner:{owner}` -> bytes of finished jobs (results, logs; images live in
                    the object store, serve_app.queue.outputs)
@@ -72,7 +74,7 @@ local function delete_job(id)
     if outcome[2] then redis.call('HSET', hook, 'error', outcome[2]) end
     if outcome[3] then redis.call('HSET', hook, 'base_url', outcome[3]) end
   end
-  redis.call('DEL', job, P .. 'logs:' .. id)
+  redis.call('DEL', job, P .. 'logs:' .. id, P .. 'previews:' .. id)
   -- remembered as evicted (not lost): a mirror that missed its completion must not resurrect it
   redis.call('ZADD', P .. 'evicted', now_ms(), id)
   redis.call('ZREMRANGEBYRANK', P .. 'evicted', 0, -100001)
@@ -110,6 +112,7 @@ local function complete(id, finished_at, fields, caps)
   redis.call('ZREM', P .. 'running', id)
   redis.call('ZREM', P .. 'deadlines', id)
   redis.call('HSET', job, 'state', 'COMPLETED', 'finished_at', finished_at, unpack(fields))
+  redis.call('DEL', P .. 'previews:' .. id)  -- transient: only for watching a run
   local size = 0
   for _, name in ipairs({'request', 'result', 'error'}) do size = size + redis.call('HSTRLEN', job, name) end
   for _, entry in ipairs(redis.call('LRANGE', P .. 'logs:' .. id, 0, -1)) do size = size + #entry end
@@ -503,4 +506,15 @@ SIGNING_KEY = r"""
 local key = P .. 'signing_key'
 redis.call('SET', key, ARGV[3], 'NX')
 return redis.call('GET', key)
+"""
+
+# A running job's preview, for its viewers. ARGV: P, epoch, id, token, kept, expire_ms, event JSON
+# -> the entry's id, or '' when the claim is not this token's (a stale run shows nothing)
+PREVIEW = r"""
+local id = ARGV[3]
+if not holds(id, ARGV[4]) then return '' end
+local key = P .. 'previews:' .. id
+local entry = redis.call('XADD', key, 'MAXLEN', ARGV[5], '*', 'event', ARGV[7])
+redis.call('PEXPIRE', key, ARGV[6])
+return entry
 """

@@ -39,6 +39,8 @@ from serve_app.queue.records import (
 
 REDIS_TIMEOUT_S = 1.0  # a paused or unreachable Redis is noticed in this long, not at TCP's pace
 FEED_LIMIT = 500  # changes per answer to a mirror; one further behind starts over
+PREVIEWS_KEPT = 8  # a running job's latest previews, for viewers (and a reconnecting one to catch up)
+PREVIEWS_EXPIRE_S = 600.0  # previews of a run whose replica vanished: gone after this, whatever else
 
 
 class StoreUnavailable(Exception):
@@ -180,7 +182,7 @@ class JobStore:
             for name in (
                 "SUBMIT", "CLAIM", "START", "LOG", "RENEW", "FINISH", "REQUEUE", "CANCEL", "RECLAIM",
                 "LOST", "RESTORE", "SWEEP", "CHANGES", "OUTBOX_DUE", "OUTBOX_SETTLE", "WEBHOOK_BODY", "SNAPSHOT",
-                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT", "EXPIRE", "SIGNING_KEY",
+                "WITHDRAW", "RELEASE", "TAKE_EVICTIONS", "READOPT", "EXPIRE", "SIGNING_KEY", "PREVIEW",
             )
         }  # fmt: skip
 
@@ -305,6 +307,20 @@ class JobStore:
         fields = _flat({k: v for k, v in _record_fields(record).items() if k not in ("state", "attempts")})
         entries = [log.model_dump_json() for log in logs]
         return bool(await self._run("READOPT", record.request_id, token, _ms(lease_s), len(fields), *fields, *entries))
+
+    @_translated
+    async def put_preview(self, request_id: str, token: str, event_json: str) -> str | None:
+        """Keep a running job's preview for its viewers (the last `PREVIEWS_KEPT`); its id, or None when
+        the claim is no longer `token`'s."""
+        entry = await self._run("PREVIEW", request_id, token, PREVIEWS_KEPT, _ms(PREVIEWS_EXPIRE_S), event_json)
+        return entry.decode() or None
+
+    @_translated
+    async def previews_after(self, request_id: str, after: str) -> list[tuple[str, str]]:
+        """(id, event JSON) of the job's previews kept after `after` ("" for all), oldest first."""
+        start = f"({after}" if after else "-"
+        entries = await self._redis.xrange(self._key("previews:", request_id), start, "+")
+        return [(entry_id.decode(), fields[b"event"].decode()) for entry_id, fields in entries]
 
     @_translated
     async def finish(

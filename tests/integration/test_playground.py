@@ -70,6 +70,26 @@ def test_previews_update_live_then_final_image(page: Page) -> None:
     screenshot(page, "playground-final")
 
 
+def test_a_queued_job_is_watched_with_its_previews_to_its_result(page: Page, browser, local_url: str) -> None:
+    """ "Queue it" submits through fal's queue API and watches the job's status stream with previews;
+    "Watch" follows any queued job by its request id, here from a second page."""
+    fill(page, prompt="a red fox", num_inference_steps="30", preview_interval="3", width="512", height="512", seed="9")
+    page.click("#queue")
+    page.wait_for_selector("body[data-state=preview]", timeout=60_000)
+    request_id = page.input_value("#watch_id")
+    viewer = browser.new_page(viewport={"width": 1000, "height": 720})
+    viewer.goto(f"{local_url}/")
+    viewer.fill("#watch_id", request_id)
+    viewer.click("#watch")
+    screenshot(page, "playground-queued-preview")
+    for watching in (page, viewer):
+        watching.wait_for_selector("body[data-state=final]", timeout=60_000)
+        assert "seed 9" in watching.text_content("#status") and watching.text_content("#error") == ""
+        assert watching.get_attribute("#image", "src").startswith(f"{local_url}/files/")
+        assert watching.eval_on_selector("#image", "img => img.naturalWidth") == 512
+    viewer.close()
+
+
 def test_cancel_stops_the_work(page: Page) -> None:
     before = sdxl_stats("sdxl")
     fill(page, num_inference_steps="50", preview_interval="1", width="512", height="512")

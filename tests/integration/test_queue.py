@@ -251,6 +251,46 @@ def test_status_stream_sends_each_change_and_ends_after_completed(api: httpx.Cli
     assert logs[0] == "Queued" and logs[-1] == "Completed" and len(logs) == len(set(logs))  # each line once
 
 
+def test_status_stream_without_the_flag_has_no_ids_and_no_previews(api: httpx.Client) -> None:
+    """What fal's clients ask for (no `previews`): status objects only, as before previews existed."""
+    job = submit(api, {**SMALL, "num_inference_steps": 12})
+    with connect_sse(api, "GET", job["status_url"] + "/stream", params={"logs": 1}) as source:
+        events = list(source.iter_sse())
+    assert all(sse.id == "" for sse in events)
+    assert all("status" in json.loads(sse.data) for sse in events)
+
+
+def test_viewers_watch_a_queued_jobs_previews_and_resume_with_last_event_id(api: httpx.Client) -> None:
+    """`?previews=1`: the running job's TAESD previews between its status events, every event with an
+    id; a viewer that drops and reconnects with `Last-Event-ID` gets only what it missed (no log line
+    twice, no preview twice), to COMPLETED. Two viewers at once see the same previews."""
+    job = submit(api, {**LONG, "preview_interval": 4})
+    url, params = job["status_url"] + "/stream", {"logs": 1, "previews": 1}
+    before: list = []
+    with connect_sse(api, "GET", url, params=params) as source:
+        for sse in source.iter_sse():
+            before.append(sse)
+            if sum(json.loads(event.data).get("type") == "preview" for event in before) == 2:
+                break  # the viewer drops here
+    with httpx.Client(headers=KEY, timeout=120) as other, connect_sse(other, "GET", url, params=params) as second:
+        with connect_sse(api, "GET", url, params=params, headers={"last-event-id": before[-1].id}) as source:
+            after = list(source.iter_sse())
+        watched = list(second.iter_sse())
+
+    assert all(sse.id for sse in before + after + watched)
+    previews = [json.loads(sse.data) for sse in before + after if json.loads(sse.data).get("type") == "preview"]
+    steps = [preview["step"] for preview in previews]
+    assert len(steps) >= 4 and steps == sorted(set(steps))  # none twice across the reconnect
+    assert previews[0]["num_inference_steps"] == 40 and decode_image(previews[-1]["image"]).size[0] > 0
+    statuses = [json.loads(sse.data) for sse in before + after if "status" in json.loads(sse.data)]
+    logs = [log["message"] for status in statuses for log in status.get("logs") or []]
+    assert logs[0] == "Queued" and logs[-1] == "Completed" and len(logs) == len(set(logs))
+    assert statuses[-1]["status"] == "COMPLETED"
+    assert any(json.loads(sse.data).get("type") == "preview" for sse in watched)
+    malformed = api.get(url, params=params, headers={"last-event-id": "nonsense"})
+    assert malformed.status_code == 422
+
+
 def test_webhooks_are_called_for_allowed_hosts_and_refused_at_submit_otherwise(
     api: httpx.Client, webhooks: WebhookReceiver
 ) -> None:
