@@ -202,6 +202,25 @@ print(json.dumps({{"positions": positions, "timed_out": timed_out, "late_logs": 
     assert "Started" not in out["late_logs"]
 
 
+def test_fal_client_object_lifecycle_preference(tls_service: dict) -> None:
+    """fal_client passes X-Fal-Object-Lifecycle-Preference as a header: the result's image is served
+    until then, and answers 404 after."""
+    out = run_fal_client(
+        tls_service,
+        f"""
+import fal_client, json
+lifecycle = {{"X-Fal-Object-Lifecycle-Preference": json.dumps({{"expiration_duration_seconds": 4}})}}
+handle = fal_client.submit("local/sdxl", arguments={SMALL!r}, headers=lifecycle)
+print(json.dumps({{"url": handle.get()["images"][0]["url"]}}))
+""",
+    )
+    fresh = httpx.get(out["url"], verify=str(tls_service["cert"]))
+    time.sleep(5)
+    expired = httpx.get(out["url"], verify=str(tls_service["cert"]))
+    assert fresh.status_code == 200 and fresh.headers["content-type"] == "image/jpeg"
+    assert expired.status_code == 404 and expired.headers["x-fal-error-type"] == "not_found"
+
+
 def test_fal_client_stream(tls_service: dict) -> None:
     events = run_fal_client(
         tls_service,
