@@ -25,6 +25,7 @@ from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
 from deployments.previews import PreviewSchedule
 from serve_app.config import AppConfig, ModelConfig, PreviewConfig, RequestConfig
+from serve_app.contract.errors import ReplicaFailed
 from serve_app.contract.events import RunMode, StreamEvent
 from serve_app.contract.requests import GenerationRequest, RequestPolicy, ResolvedRequest
 
@@ -52,9 +53,12 @@ class SDXLEngine:
         on_preview_rendered: Callable[[float], None] | None = None,
         on_run_finished: Callable[[RunOutcome], None] | None = None,
         on_first_preview: Callable[[float], None] | None = None,
+        on_unusable: Callable[[], None] | None = None,
     ) -> None:
         """Load the models (and warm up when configured); the callbacks feed the deployment's metrics
-        (`on_first_preview` gets the seconds from `generate` being called to its first preview)."""
+        (`on_first_preview` gets the seconds from `generate` being called to its first preview);
+        `on_unusable` is called once when a fatal device error leaves the engine unusable (the
+        deployment then leaves service)."""
         self.config = config
         self.models: LoadedModels = load_models(config.model, config.previews)
         self.previews: PreviewWorker = start_preview_worker(
@@ -64,6 +68,7 @@ class SDXLEngine:
         )
         self._on_run_finished = on_run_finished
         self._on_first_preview = on_first_preview
+        self._on_unusable = on_unusable
         # One pipeline thread: the pipeline is not safe to call concurrently, and a long-lived
         # thread keeps its OpenMP team (a fresh thread per run measured 4.6% slower) and its
         # cuBLAS/cuDNN handles, which the warm-up creates.
@@ -86,7 +91,9 @@ class SDXLEngine:
         its catalog error after the slot is free."""
         called = time.perf_counter()
         outcome: RunOutcome | None = None
+        self._refuse_if_unusable()
         async with self._slot:
+            self._refuse_if_unusable()  # a run ahead of this one, waited for, may have killed the device
             run = GenerationRun(
                 self.models,
                 self.previews,
@@ -106,12 +113,20 @@ class SDXLEngine:
             finally:
                 run.cancel()  # a no-op if the run already finished
                 outcome = await _wait_through_cancellation(done)
-                if outcome.error is not None and outcome.error.fatal:
+                if outcome.error is not None and outcome.error.fatal and self._unusable_reason is None:
                     self._unusable_reason = outcome.error.error_type  # the CUDA context is gone for good
+                    if self._on_unusable is not None:
+                        self._on_unusable()
                 if self._on_run_finished is not None:
                     self._on_run_finished(outcome)
         if outcome.error is not None:
             raise outcome.error
+
+    def _refuse_if_unusable(self) -> None:
+        """Once the device is gone, every request fails at once as retryable: its caller (the relay, the
+        job queue) tries another replica rather than meet a 500 here until the health check notices."""
+        if self._unusable_reason is not None:
+            raise ReplicaFailed(f"this model replica left service after a {self._unusable_reason}")
 
     def check_device(self) -> None:
         """Raise if a run left the device unusable, or (CUDA, between runs) if the device has failed.

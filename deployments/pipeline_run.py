@@ -104,7 +104,9 @@ class GenerationRun:
         try:
             outcome = self._run()
         finally:
-            self._previews.discard()  # waits for a preview still rendering: its failure counts below
+            # Waits for a preview still rendering (its failure counts below), but not for ever.
+            if not self._previews.discard(self._preview_wait_s()) and self._preview_failure is None:
+                self._preview_failure = preview_hung(self._timeout_s)
             self._emit(END_OF_STREAM)
         return self._with_fatal_preview_failure(outcome)
 
@@ -131,6 +133,11 @@ class GenerationRun:
             return outcome
         return self._outcome("failed", failure)
 
+    def _preview_wait_s(self) -> float:
+        """How long to wait for a preview decode before taking the device for hung: the request's own
+        time limit (none for the warm-up, which may compile for minutes)."""
+        return 0.0 if self._preview_failure is not None else self._timeout_s  # hung already: no second wait
+
     def _outcome(self, status: RunStatus, error: ServiceError | None = None) -> RunOutcome:
         return RunOutcome(status, self._steps_completed, self._denoise_seconds, error)
 
@@ -138,7 +145,7 @@ class GenerationRun:
         request, pipeline = self._request, self._models.pipeline
         started = self._started = time.perf_counter()
         self._deadline = started + self._timeout_s
-        generators = batch_generators(request.seed, request.num_images, self._models.device)
+        generators = batch_generators(request.seed, request.num_images)
         with torch.inference_mode():
             with vae_dtype_restored(pipeline.vae):
                 output = pipeline(
@@ -161,7 +168,9 @@ class GenerationRun:
         inference_s = time.perf_counter() - started
         if self._cancelled.is_set():  # the client left during the final decode: nobody to send it to
             raise GenerationCancelled
-        self._previews.drain()  # every preview reaches the client before the final image
+        if not self._previews.drain(self._preview_wait_s()):  # every preview reaches the client before the final
+            self._preview_failure = preview_hung(self._timeout_s)
+            raise self._preview_failure
         self._check_preview_error()
         files = [encode_image(image, request.output_format, self._final_jpeg_quality) for image in pil_images]
         return FinalEvent(
@@ -233,11 +242,19 @@ class PreviewFailed(GenerationFailed):
     default_detail = "the generation failed: preview decoding failed"
 
 
-def batch_generators(seed: int, num_images: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per image of a batch, image i's seeded `seed + i` (diffusers draws each image's
-    noise from its own generator in a list): a seed reproduces its batch, and image i's starting noise
-    is a single-image request's with seed `seed + i`."""
-    return [torch.Generator(device=device).manual_seed(seed + index) for index in range(num_images)]
+def preview_hung(waited_s: float) -> DeviceError:
+    """A preview decode that never returned: the device is hung, which is as fatal as a dead one."""
+    logger.error("A preview decode did not finish within %g s: taking the device for hung", waited_s)
+    return DeviceError()
+
+
+def batch_generators(seed: int, num_images: int) -> list[torch.Generator]:
+    """One CPU generator per image of a batch, image i's seeded `seed + i`. diffusers draws each image's
+    noise from its own generator in a list, on the generator's device, then moves it to the pipeline's:
+    so a seed is the same starting noise on the CPU and on every GPU model (CUDA's generator draws other
+    numbers), as diffusers advises for reproducibility. A seed reproduces its batch, and image i's
+    starting noise is a single-image request's with seed `seed + i`."""
+    return [torch.Generator(device="cpu").manual_seed(seed + index) for index in range(num_images)]
 
 
 def _threadsafe_put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> EventSink:

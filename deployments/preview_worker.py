@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -93,16 +94,17 @@ class PreviewWorker(ABC):
             self._pending = pending
             self._condition.notify_all()
 
-    def drain(self) -> None:
-        """Wait until every submitted preview has been delivered (or failed)."""
+    def drain(self, timeout_s: float = math.inf) -> bool:
+        """Wait until every submitted preview has been delivered (or failed); False if that took longer
+        than `timeout_s` (a decode that never returns: a hung device)."""
         with self._condition:
-            self._condition.wait_for(lambda: self._pending is None and not self._busy)
+            return self._condition.wait_for(lambda: self._pending is None and not self._busy, _bounded(timeout_s))
 
-    def discard(self) -> None:
-        """Forget a waiting preview and wait for the one being rendered, if any."""
+    def discard(self, timeout_s: float = math.inf) -> bool:
+        """Forget a waiting preview and wait for the one being rendered, if any; False past `timeout_s`."""
         with self._condition:
             self._pending = None
-            self._condition.wait_for(lambda: not self._busy)
+            return self._condition.wait_for(lambda: not self._busy, _bounded(timeout_s))
 
     @abstractmethod
     def _hand_over(self, latents: torch.Tensor) -> PixelSource:
@@ -127,7 +129,10 @@ class PreviewWorker(ABC):
                 request.deliver(event)
             except BaseException as error:  # noqa: BLE001 - reported to the run, which ends the stream
                 logger.exception("Preview for step %d failed", request.step)
-                request.fail(error)
+                try:
+                    request.fail(error)
+                except BaseException:  # noqa: BLE001 - this thread must outlive a failure in reporting one
+                    logger.exception("Reporting the failed preview for step %d failed too", request.step)
             finally:
                 with self._condition:
                     self._busy = False
@@ -177,6 +182,11 @@ class CudaPreviewWorker(PreviewWorker):
             copied = self._stream.record_event(torch.cuda.Event(blocking=True))  # sleeps; a spin would hold a core
         copied.synchronize()
         return pixels
+
+
+def _bounded(timeout_s: float) -> float | None:
+    """`Condition.wait_for`'s timeout: None for no bound (it rejects infinity)."""
+    return None if math.isinf(timeout_s) else max(0.0, timeout_s)
 
 
 def start_preview_worker(

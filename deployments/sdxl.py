@@ -8,6 +8,7 @@ as its catalog error) rather than an exception, which Serve would log as a crash
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,11 @@ from serve_app.contract.errors import ServiceError
 from serve_app.contract.events import ErrorEvent, RunMode, StreamEvent
 from serve_app.contract.requests import ResolvedRequest
 
+logger = logging.getLogger("ray.serve")
+
+EXIT_AFTER_FATAL_S = 1.0  # time for the failed run's error event to reach its caller
+EXIT_CODE_DEVICE_LOST = 70
+
 
 @serve.deployment
 class SDXLDeployment:
@@ -38,6 +44,7 @@ class SDXLDeployment:
             on_preview_rendered=self._metrics.preview_encode.observe,
             on_run_finished=self._record,
             on_first_preview=self._metrics.time_to_first_preview.observe,
+            on_unusable=self._leave_service,
         )
         self._startup_seconds = time.perf_counter() - started  # model load (+ warm-up)
 
@@ -48,6 +55,13 @@ class SDXLDeployment:
                 yield event
         except ServiceError as error:
             yield ErrorEvent.model_validate(error.body().model_dump())
+
+    def _leave_service(self) -> None:
+        """A fatal device error: the engine refuses new work from now on (callers retry elsewhere), and
+        the process exits once the failed run's error event is on its way, so that Serve replaces the
+        replica now, not after `health_check_period_s` x 3 of a replica that looks idle."""
+        logger.error("The device failed for good; this replica leaves service in %.0f s", EXIT_AFTER_FATAL_S)
+        asyncio.get_running_loop().call_later(EXIT_AFTER_FATAL_S, os._exit, EXIT_CODE_DEVICE_LOST)
 
     def _record(self, outcome: RunOutcome) -> None:
         error_type = outcome.error.error_type if outcome.error else ""

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from deployments import preview_worker
 from deployments.engine import EngineConfig, SDXLEngine
 from deployments.pipeline_run import GenerationRun, RunOutcome
 from deployments.sdxl import SDXLDeployment
+from serve_app.contract.errors import ReplicaFailed
 from serve_app.contract.events import STREAM, RunMode
 from tests.tiny_engine import collect, resolved, tiny_config, tiny_engine
 
@@ -75,6 +77,44 @@ def test_device_error_makes_the_device_unusable(cache: Path) -> None:
     assert [event["error_type"] for event in events] == ["device_error"]
     with pytest.raises(RuntimeError, match="unusable"):
         engine.check_device()  # the deployment's health check: Serve replaces the replica
+
+
+def test_after_a_device_error_the_engine_refuses_at_once_as_retryable_and_leaves_service(cache: Path) -> None:
+    """The deployment is told once (it exits so Serve replaces it now), and every later request fails
+    at once as `replica_failed`, which the relay and the job queue retry on another replica, instead of
+    each meeting a 500 here until the health check notices."""
+    left: list[int] = []
+    engine = SDXLEngine(EngineConfig.of(tiny_config(cache)), on_unusable=lambda: left.append(1))
+    restore = failing_unet(engine, RuntimeError(ILLEGAL_ADDRESS))
+    assert [event["error_type"] for event in collect(engine, REQUEST, previews=False)] == ["device_error"]
+    restore()  # the UNet would work again: the engine must not try it
+    later = collect(engine, REQUEST, previews=False)
+    assert [event["error_type"] for event in later] == ["replica_failed"] and left == [1]
+    assert ReplicaFailed.retryable and not engine.busy
+
+
+def test_a_preview_that_never_finishes_is_a_hung_device_not_a_hung_replica(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode or encode that never returns (a hung GPU) holds the preview thread: the run waits for it
+    no longer than its time limit, ends as `device_error`, and the engine leaves service."""
+    release = threading.Event()
+
+    def hangs(*args, **kwargs):
+        release.wait(60)
+        raise RuntimeError("released by the test")
+
+    left: list[int] = []
+    engine = SDXLEngine(
+        EngineConfig.of(tiny_config(cache, requests={"timeout_s": 2})), on_unusable=lambda: left.append(1)
+    )
+    monkeypatch.setattr(preview_worker, "pixels_to_image", hangs)
+    try:
+        events = collect(engine, REQUEST)
+    finally:
+        release.set()
+    assert events[-1]["error_type"] == "device_error" and left == [1]
+    assert not engine.busy
 
 
 def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Path) -> None:

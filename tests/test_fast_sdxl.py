@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionXLPipeline
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -130,9 +131,15 @@ def test_a_batch_is_one_pipeline_call(engine: SDXLEngine, monkeypatch: pytest.Mo
     assert all((image["width"], image["height"]) == (128, 128) for image in final["images"])
 
 
-def test_batch_generators_are_seeded_seed_plus_index() -> None:
-    generators = batch_generators(7, 3, torch.device("cpu"))
+def test_batch_generators_are_seeded_seed_plus_index_on_the_cpu_whatever_the_device() -> None:
+    """CPU generators: diffusers draws the noise on them and moves it to the GPU, so a seed gives the
+    same starting noise on a CPU and on every GPU model (a CUDA generator draws other numbers)."""
+    generators = batch_generators(7, 3)
     assert [generator.initial_seed() for generator in generators] == [7, 8, 9]
+    assert {generator.device.type for generator in generators} == {"cpu"}
+    noise = randn_tensor((3, 4, 8, 8), generator=batch_generators(7, 3), device=torch.device("cpu"))
+    again = torch.cat([randn_tensor((1, 4, 8, 8), generator=batch_generators(7 + i, 1)) for i in range(3)])
+    assert torch.equal(noise, again)  # image i's noise is a single request's with seed 7 + i
 
 
 def test_a_seed_reproduces_its_batch_and_image_i_is_seed_plus_i(engine: SDXLEngine) -> None:

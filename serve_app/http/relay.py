@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
@@ -17,7 +18,15 @@ from starlette.types import Receive, Scope, Send
 
 from serve_app.config import HttpConfig, RequestConfig
 from serve_app.contract.errors import Overloaded, QueueTimeout, ServiceError, StartTimeout, as_service_error
-from serve_app.contract.events import QUEUE_JOB, RESULT_ONLY, STREAM, FinalEvent, GenerationResult, ProgressEvent
+from serve_app.contract.events import (
+    QUEUE_JOB,
+    RESULT_ONLY,
+    STREAM,
+    FinalEvent,
+    GenerationResult,
+    ProgressEvent,
+    RunMode,
+)
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.client import GenerationCall, GenerationClient
 from serve_app.http.errors import error_response
@@ -26,6 +35,7 @@ from serve_app.http.sse import SEPARATOR, encode_event, error_event, keepalive_c
 logger = logging.getLogger("ray.serve")
 
 COUNTED_REJECTIONS = ("overloaded", "queue_timeout")
+RETRIES = 2  # tries on other replicas after one refused the request (it left service) or died under it
 
 
 class GenerationRelay:
@@ -47,9 +57,9 @@ class GenerationRelay:
     async def stream(self, request: ResolvedRequest, start_timeout_s: float | None = None) -> Response:
         """`start_timeout_s` (fal's `X-Fal-Request-Timeout`) bounds the wait for a replica, like
         `requests.queue_timeout_s` but answered as fal answers it (504, never retried)."""
-        call = self._generation.events(request, STREAM)
+        call = RetriedCall(self._generation, request, STREAM)
         wait_s = min(self._queue_timeout_s, start_timeout_s or float("inf"))
-        first = asyncio.ensure_future(_first_event(call, wait_s, user_timeout=wait_s == start_timeout_s))
+        first = asyncio.ensure_future(call.first_event(wait_s, user_timeout=wait_s == start_timeout_s))
         try:
             # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
             await asyncio.wait({first}, timeout=self._first_event_wait_s)
@@ -70,12 +80,11 @@ class GenerationRelay:
     async def run(self, request: ResolvedRequest, start_timeout_s: float | None = None) -> Response | GenerationResult:
         """The result as JSON. With `start_timeout_s` the replica reports each step, so that the wait for
         one to start is bounded apart from the run."""
+        call = RetriedCall(self._generation, request, RESULT_ONLY if start_timeout_s is None else QUEUE_JOB)
         if start_timeout_s is None:
-            call = self._generation.events(request, RESULT_ONLY)
             outcome = call.result()  # the only event: bound the wait for a replica plus the run
         else:
-            call = self._generation.events(request, QUEUE_JOB)
-            outcome = _started_within(call, start_timeout_s)
+            outcome = call.result(lambda current: _started_within(current, start_timeout_s))
         try:
             final = await asyncio.wait_for(outcome, self._run_timeout_s)
         except Exception as error:  # noqa: BLE001 - every failure is a JSON error, never a bare 500
@@ -98,7 +107,7 @@ class GenerationRelay:
             self._on_rejection(failure.error_type)
         return failure
 
-    async def _relay(self, first: asyncio.Future, call: GenerationCall) -> AsyncIterator:
+    async def _relay(self, first: asyncio.Future, call: RetriedCall) -> AsyncIterator:
         """SSE events until the final event; a failure of any kind becomes an error event, after which
         the response is cut off (`StreamFailed`) so that fal clients raise too."""
         failed = True
@@ -106,7 +115,7 @@ class GenerationRelay:
             event = await first
             while True:
                 yield encode_event(event)
-                event = await anext(call)
+                event = await anext(call.current)
         except StopAsyncIteration:  # after the final event: the call ended as it should
             failed = False
         except Exception as error:  # noqa: BLE001 - the client must see an error event, never a silent end
@@ -115,6 +124,51 @@ class GenerationRelay:
             call.cancel()  # stops the replica's work if the client went away
         if failed:
             raise StreamFailed("the stream ended with an error event; its response is cut off on purpose")
+
+
+class RetriedCall:
+    """A generation that a replica which left service refuses (a retryable error, such as a dead device
+    or a replica killed before it sent anything) is tried again on another one, up to `RETRIES` times,
+    as long as the client has seen nothing of it."""
+
+    def __init__(self, generation: GenerationClient, request: ResolvedRequest, mode: RunMode) -> None:
+        self._generation, self._request, self._mode = generation, request, mode
+        self.current: GenerationCall = generation.events(request, mode)
+        self._calls = [self.current]
+
+    def _again(self, error: ServiceError, attempt: int) -> bool:
+        if not error.retryable or attempt >= RETRIES:
+            return False
+        logger.warning("A model replica failed the request before it started (%s); trying another", error.error_type)
+        self.current = self._generation.events(self._request, self._mode)
+        self._calls.append(self.current)
+        return True
+
+    async def first_event(self, wait_s: float, user_timeout: bool):
+        """The first event within `wait_s` in all (see `_first_event`), from whichever replica gives one."""
+        deadline = time.monotonic() + wait_s
+        for attempt in range(RETRIES + 1):
+            try:
+                return await _first_event(self.current, max(0.0, deadline - time.monotonic()), user_timeout)
+            except ServiceError as error:
+                if not self._again(error, attempt):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def result(self, read: Callable[[GenerationCall], Awaitable[FinalEvent]] | None = None) -> FinalEvent:
+        """The final event (read by `read`, by default the call's `result`), retried as above: `POST /`
+        has sent nothing until it answers."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return await (read(self.current) if read is not None else self.current.result())
+            except ServiceError as error:
+                if not self._again(error, attempt):
+                    raise
+        raise AssertionError("unreachable")
+
+    def cancel(self) -> None:
+        for call in self._calls:
+            call.cancel()
 
 
 async def _started_within(call: GenerationCall, start_timeout_s: float) -> FinalEvent:
