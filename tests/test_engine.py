@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments import preview_worker
+from deployments import preview_worker, sdxl
 from deployments.engine import EngineConfig, SDXLEngine
 from deployments.pipeline_run import GenerationRun, RunOutcome
 from deployments.sdxl import SDXLDeployment
@@ -115,6 +115,25 @@ def test_a_preview_that_never_finishes_is_a_hung_device_not_a_hung_replica(
         release.set()
     assert events[-1]["error_type"] == "device_error" and left == [1]
     assert not engine.busy
+
+
+def test_the_deployment_exits_a_moment_after_its_device_failed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica process ends itself (Serve then starts another) once the failed run's error event
+    had time to reach its caller; the exit is recorded here instead of killing the test."""
+    exits: list[int] = []
+    monkeypatch.setattr(sdxl.os, "_exit", exits.append)
+    deployment = SDXLDeployment.func_or_class.__new__(SDXLDeployment.func_or_class)
+    deployment._engine = SDXLEngine(EngineConfig.of(tiny_config(cache)), on_unusable=deployment._leave_service)
+    failing_unet(deployment._engine, RuntimeError(ILLEGAL_ADDRESS))
+
+    async def fail_then_wait() -> tuple[list[str], list[int]]:
+        errors = [event.error_type async for event in deployment.generate(REQUEST, STREAM) if event.type == "error"]
+        before = list(exits)
+        await asyncio.sleep(sdxl.EXIT_AFTER_FATAL_S + 0.5)
+        return errors, before
+
+    errors, before = asyncio.run(fail_then_wait())
+    assert errors == ["device_error"] and before == [] and exits == [sdxl.EXIT_CODE_DEVICE_LOST]
 
 
 def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Path) -> None:
