@@ -75,6 +75,7 @@ class SDXLEngine:
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self._slot = asyncio.Lock()
         self._unusable_reason: str | None = None
+        self._run: GenerationRun | None = None  # the run holding the slot: the watchdog reads its progress
         for request in warmup_requests(config.model, config.policy):
             self._warm_up(request)
 
@@ -104,6 +105,7 @@ class SDXLEngine:
                 progress=mode.progress,
                 on_first_preview=self._first_preview_timer(called),
             )
+            self._run = run
             # In the caller's context: Serve's log lines from the pipeline thread then carry the request id.
             execute = contextvars.copy_context().run
             done = asyncio.wrap_future(self._pipeline_thread.submit(execute, run.execute))
@@ -113,6 +115,7 @@ class SDXLEngine:
             finally:
                 run.cancel()  # a no-op if the run already finished
                 outcome = await _wait_through_cancellation(done)
+                self._run = None
                 if outcome.error is not None and outcome.error.fatal and self._unusable_reason is None:
                     self._unusable_reason = outcome.error.error_type  # the CUDA context is gone for good
                     if self._on_unusable is not None:
@@ -136,6 +139,14 @@ class SDXLEngine:
         """
         if self._unusable_reason is not None:
             raise RuntimeError(f"pipeline unusable after a {self._unusable_reason}")
+        run = self._run
+        if run is not None and time.monotonic() - run.last_progress > self.config.model.watchdog_s:
+            # No step and no preview for that long: a kernel that never returns. Nothing will free the slot.
+            self._unusable_reason = "hung device"
+            logger.error("No progress for %g s: the device is hung; leaving service", self.config.model.watchdog_s)
+            if self._on_unusable is not None:
+                self._on_unusable()
+            raise RuntimeError(f"no progress for {self.config.model.watchdog_s:g} s: the device is hung")
         if self.models.device.type == "cuda" and not self.busy:
             torch.cuda.synchronize(self.models.device)
 

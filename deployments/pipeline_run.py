@@ -90,6 +90,7 @@ class GenerationRun:
         self._steps_completed = 0
         self._denoise_seconds = 0.0
         self._on_first_preview = on_first_preview
+        self.last_progress = time.monotonic()  # a step or a preview: what the engine's watchdog reads
 
     def cancel(self) -> None:
         """Ask the run to stop at the next step boundary; safe from any thread."""
@@ -192,6 +193,7 @@ class GenerationRun:
         return checked, list(flagged)
 
     def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.last_progress = time.monotonic()
         self._steps_completed = step + 1
         self._denoise_seconds = time.perf_counter() - self._started
         if self._cancelled.is_set():
@@ -213,6 +215,7 @@ class GenerationRun:
         return {}
 
     def _deliver_preview(self, event: PreviewEvent) -> None:
+        self.last_progress = time.monotonic()
         if self._on_first_preview is not None:
             self._on_first_preview()
             self._on_first_preview = None

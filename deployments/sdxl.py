@@ -61,7 +61,10 @@ class SDXLDeployment:
         the process exits once the failed run's error event is on its way, so that Serve replaces the
         replica now, not after `health_check_period_s` x 3 of a replica that looks idle."""
         logger.error("The device failed for good; this replica leaves service in %.0f s", EXIT_AFTER_FATAL_S)
-        asyncio.get_running_loop().call_later(EXIT_AFTER_FATAL_S, os._exit, EXIT_CODE_DEVICE_LOST)
+        # A timer thread: called from the event loop (a failed run) or the health check's thread (the watchdog).
+        exit_later = threading.Timer(EXIT_AFTER_FATAL_S, os._exit, args=(EXIT_CODE_DEVICE_LOST,))
+        exit_later.daemon = True
+        exit_later.start()
 
     def _record(self, outcome: RunOutcome) -> None:
         error_type = outcome.error.error_type if outcome.error else ""

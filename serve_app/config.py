@@ -88,6 +88,12 @@ class ModelConfig(Section):
     )
     scheduler_config: dict = Field(default_factory=dict, description="Overrides for the scheduler's config.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in each SDXL replica.")
+    watchdog_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A run with no step and no preview for this long means a hung device: the health check "
+        "fails and the replica leaves service. Above the longest step, final decode, and first-use compile.",
+    )
     safety_checker: str = Field(
         default=NO_SAFETY_CHECKER,
         description="'none' (nothing checked: `has_nsfw_concepts` is null per image), 'tiny' (a built-in stand-in "

@@ -136,6 +136,45 @@ def test_the_deployment_exits_a_moment_after_its_device_failed(cache: Path, monk
     assert errors == ["device_error"] and before == [] and exits == [sdxl.EXIT_CODE_DEVICE_LOST]
 
 
+def test_the_watchdog_fails_health_when_a_run_makes_no_progress(cache: Path) -> None:
+    """A kernel that never returns (faked: the UNet blocks) sends no step and no preview: past
+    `model.watchdog_s` the health check fails and the replica leaves service, rather than hold the slot
+    for ever while looking healthy."""
+    left: list[int] = []
+    config = EngineConfig.of(tiny_config(cache, model={"watchdog_s": 0.5}))
+    engine = SDXLEngine(config, on_unusable=lambda: left.append(1))
+    release = threading.Event()
+    forward = engine.models.pipeline.unet.forward
+
+    def hangs(*args, **kwargs):
+        release.wait(30)
+        return forward(*args, **kwargs)
+
+    engine.models.pipeline.unet.forward = hangs
+
+    async def scenario() -> tuple[str | None, str | None]:
+        run = asyncio.ensure_future(asyncio.to_thread(collect, engine, REQUEST))
+        await asyncio.sleep(0.2)
+        early = None
+        try:
+            await asyncio.to_thread(engine.check_device)  # within the bound: healthy
+        except RuntimeError as error:
+            early = str(error)
+        await asyncio.sleep(1.0)
+        late = None
+        try:
+            await asyncio.to_thread(engine.check_device)
+        except RuntimeError as error:
+            late = str(error)
+        release.set()
+        await run
+        return early, late
+
+    early, late = asyncio.run(scenario())
+    assert early is None and late is not None and "hung" in late and left == [1]
+    assert [event["error_type"] for event in collect(engine, REQUEST)] == ["replica_failed"]
+
+
 def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Path) -> None:
     """cuBLAS reports running out of memory as a CUDA error; the device is still usable after it."""
     engine = tiny_engine(cache)
