@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deployments.failures import device_probe
 from deployments.models import LoadedModels, load_models
 from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
@@ -66,6 +67,7 @@ class SDXLEngine:
             PreviewSettings(max_size=config.previews.max_size, jpeg_quality=config.previews.jpeg_quality),
             on_rendered=on_preview_rendered,
         )
+        self._probe = device_probe(self.models.device)  # after a failure: did the device survive it?
         self._on_run_finished = on_run_finished
         self._on_first_preview = on_first_preview
         self._on_unusable = on_unusable
@@ -104,6 +106,7 @@ class SDXLEngine:
                 timeout_s=self.config.requests.timeout_s,
                 progress=mode.progress,
                 on_first_preview=self._first_preview_timer(called),
+                probe=self._probe,
             )
             self._run = run
             # In the caller's context: Serve's log lines from the pipeline thread then carry the request id.
@@ -170,6 +173,7 @@ class SDXLEngine:
             final_jpeg_quality=self.config.requests.final_jpeg_quality,
             timeout_s=math.inf,  # compiling may take minutes, past any request's deadline
             on_event=lambda event: None,
+            probe=self._probe,
         )
         outcome = self._pipeline_thread.submit(run.execute).result()
         if outcome.error is not None:

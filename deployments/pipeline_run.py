@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from deployments.failures import classify
+from deployments.failures import DeviceProbe, classify
 from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewRequest, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image
@@ -73,7 +73,10 @@ class GenerationRun:
         progress: bool = False,
         on_event: EventSink | None = None,
         on_first_preview: Callable[[], None] | None = None,
+        probe: DeviceProbe | None = None,
     ) -> None:
+        """`probe` (a GPU's `deployments.failures.device_probe`) decides, after a failure, whether the device
+        survived it; it is called on the pipeline thread, the one that drives the device."""
         self._models = models
         self._previews = previews
         self._request = request
@@ -84,6 +87,8 @@ class GenerationRun:
         self._events: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
         self._on_event = on_event or _threadsafe_put(asyncio.get_running_loop(), self._events)
         self._cancelled = threading.Event()
+        self._probe = probe
+        self._preview_error: BaseException | None = None  # as the preview worker reported it, unclassified
         self._preview_failure: ServiceError | None = None
         self._deadline = float("inf")
         self._started = 0.0
@@ -106,7 +111,7 @@ class GenerationRun:
             outcome = self._run()
         finally:
             # Waits for a preview still rendering (its failure counts below), but not for ever.
-            if not self._previews.discard(self._preview_wait_s()) and self._preview_failure is None:
+            if not self._previews.discard(self._preview_wait_s()) and self._classified_preview_error() is None:
                 self._preview_failure = preview_hung(self._timeout_s)
             self._emit(END_OF_STREAM)
         return self._with_fatal_preview_failure(outcome)
@@ -119,7 +124,7 @@ class GenerationRun:
             logger.info("Generation cancelled by the client after %d steps", self._steps_completed)
             return self._outcome("cancelled")
         except Exception as error:  # noqa: BLE001 - any failure must reach the client as its catalog error
-            failure = classify(error, fallback=GenerationFailed)
+            failure = classify(error, fallback=GenerationFailed, probe=self._probe)
             if failure is error:
                 logger.warning("Generation failed: %s", error)
             else:
@@ -129,7 +134,7 @@ class GenerationRun:
     def _with_fatal_preview_failure(self, outcome: RunOutcome) -> RunOutcome:
         """A device error in the preview path ends the replica even when the run ended otherwise first
         (cancelled by the client, or failed for a recoverable reason)."""
-        failure = self._preview_failure
+        failure = self._classified_preview_error()
         if failure is None or not failure.fatal or (outcome.error is not None and outcome.error.fatal):
             return outcome
         return self._outcome("failed", failure)
@@ -222,16 +227,25 @@ class GenerationRun:
         self._emit(event)
 
     def _record_preview_error(self, error: BaseException) -> None:
-        """The preview worker's report (its thread, or this one on a CPU); classified once, here, from the
-        original exception, so a device error in the preview path is a device error."""
-        failure = classify(error, fallback=PreviewFailed)
-        if failure is not error:
-            failure.__cause__ = error
-        self._preview_failure = failure
+        """The preview worker's report (its thread, or this one on a CPU), kept as raised: it is classified
+        on the pipeline thread, which probes the device, so a device error in the preview path is a
+        device error."""
+        if self._preview_error is None:
+            self._preview_error = error
+
+    def _classified_preview_error(self) -> ServiceError | None:
+        """The preview path's failure as a catalog error (once; call on the pipeline thread), or None."""
+        error = self._preview_error
+        if self._preview_failure is None and error is not None:
+            failure = classify(error, fallback=PreviewFailed, probe=self._probe)
+            if failure is not error:
+                failure.__cause__ = error
+            self._preview_failure = failure
+        return self._preview_failure
 
     def _check_preview_error(self) -> None:
-        if self._preview_failure is not None:
-            raise self._preview_failure
+        if (failure := self._classified_preview_error()) is not None:
+            raise failure
 
     def _emit(self, event: StreamEvent | None) -> None:
         if self._cancelled.is_set() and event is not END_OF_STREAM:

@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.contract.requests import (
     DEFAULT_PREVIEW_INTERVAL,
+    MAX_BATCH_PIXELS,
     MAX_NUM_IMAGES,
+    MIN_SIDE,
     REQUEST_PROFILES,
     GenerationRequest,
     RequestPolicy,
@@ -153,6 +155,12 @@ class RequestConfig(Section):
         le=MAX_NUM_IMAGES,
         description="Most images one request may ask for (`num_images`, one batched pipeline call); beyond: 422.",
     )
+    max_batch_pixels: int = Field(
+        default=MAX_BATCH_PIXELS,
+        ge=MIN_SIDE * MIN_SIDE,
+        description="Most pixels one request may generate, width x height x num_images (one batched pipeline "
+        "call): past the size a GPU's kernels can launch, or its memory hold, a request fails; beyond: 422.",
+    )
     final_jpeg_quality: int = Field(default=95, ge=1, le=100)
     timeout_s: float = Field(
         default=300.0, gt=0, description="A generation running longer than this ends with an error event."
@@ -174,6 +182,10 @@ class RequestConfig(Section):
         num_images = self.defaults_in_effect().get("num_images", 1)
         if num_images > self.max_num_images:
             raise ValueError(f"the request defaults' num_images {num_images} is over max_num_images")
+        defaults = self.defaults_in_effect()
+        pixels = defaults.get("width", 1024) * defaults.get("height", 1024) * num_images
+        if pixels > self.max_batch_pixels:
+            raise ValueError(f"the request defaults' width x height x num_images ({pixels}) is over max_batch_pixels")
         return self
 
     def defaults_in_effect(self) -> dict:
@@ -495,4 +507,5 @@ class AppConfig(BaseModel):
             defaults=self.requests.defaults_in_effect(),
             preview_interval=self.previews.interval,
             max_num_images=self.requests.max_num_images,
+            max_batch_pixels=self.requests.max_batch_pixels,
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deployments import engine as engine_module
 from deployments import preview_worker, sdxl
 from deployments.engine import EngineConfig, SDXLEngine
 from deployments.pipeline_run import GenerationRun, RunOutcome
@@ -32,6 +33,35 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engine(cache: Path) -> SDXLEngine:
     return tiny_engine(cache, model={"warmup_size": 128})
+
+
+class FakeGpuProbe:
+    """Stands in for `deployments.failures.device_probe` on a GPU (none here): `dead` fails the probe as a
+    lost CUDA context fails every call; records the thread each probe ran on."""
+
+    def __init__(self, dead: bool) -> None:
+        self.dead = dead
+        self.threads: list[str] = []
+
+    def __call__(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        if self.dead:
+            raise RuntimeError(ILLEGAL_ADDRESS)
+
+
+@pytest.fixture
+def dead_device(monkeypatch: pytest.MonkeyPatch) -> FakeGpuProbe:
+    """Engines built in this test run on a (faked) GPU whose context is lost once anything fails."""
+    probe = FakeGpuProbe(dead=True)
+    monkeypatch.setattr(engine_module, "device_probe", lambda device: probe)
+    return probe
+
+
+@pytest.fixture
+def healthy_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeGpuProbe:
+    probe = FakeGpuProbe(dead=False)
+    monkeypatch.setattr(engine_module, "device_probe", lambda device: probe)
+    return probe
 
 
 def raising(error: Exception):
@@ -69,7 +99,7 @@ def test_ordinary_exception_is_generation_failed_and_device_stays_usable(
     assert [event["type"] for event in collect(engine, REQUEST)] == ["preview", "final"]
 
 
-def test_device_error_makes_the_device_unusable(cache: Path) -> None:
+def test_device_error_makes_the_device_unusable(cache: Path, dead_device: FakeGpuProbe) -> None:
     """A fake: a real fatal CUDA error needs a GPU, so the UNet raises the error CUDA would."""
     engine = tiny_engine(cache)
     failing_unet(engine, RuntimeError(ILLEGAL_ADDRESS))
@@ -79,7 +109,9 @@ def test_device_error_makes_the_device_unusable(cache: Path) -> None:
         engine.check_device()  # the deployment's health check: Serve replaces the replica
 
 
-def test_after_a_device_error_the_engine_refuses_at_once_as_retryable_and_leaves_service(cache: Path) -> None:
+def test_after_a_device_error_the_engine_refuses_at_once_as_retryable_and_leaves_service(
+    cache: Path, dead_device: FakeGpuProbe
+) -> None:
     """The deployment is told once (it exits so Serve replaces it now), and every later request fails
     at once as `replica_failed`, which the relay and the job queue retry on another replica, instead of
     each meeting a 500 here until the health check notices."""
@@ -117,7 +149,9 @@ def test_a_preview_that_never_finishes_is_a_hung_device_not_a_hung_replica(
     assert not engine.busy
 
 
-def test_the_deployment_exits_a_moment_after_its_device_failed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_deployment_exits_a_moment_after_its_device_failed(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, dead_device: FakeGpuProbe
+) -> None:
     """The replica process ends itself (Serve then starts another) once the failed run's error event
     had time to reach its caller; the exit is recorded here instead of killing the test."""
     exits: list[int] = []
@@ -175,6 +209,43 @@ def test_the_watchdog_fails_health_when_a_run_makes_no_progress(cache: Path) -> 
     assert [event["error_type"] for event in collect(engine, REQUEST)] == ["replica_failed"]
 
 
+@pytest.mark.parametrize(
+    "message",
+    ["CUDA error: too many resources requested for launch", "CUDA error: invalid configuration argument"],
+)
+def test_a_cuda_error_the_device_survives_fails_only_that_request(
+    cache: Path, healthy_gpu: FakeGpuProbe, message: str
+) -> None:
+    """A request can cause a CUDA error (a launch too large for one kernel) without harming the device:
+    the probe, run on the pipeline thread, finds it computing, so only that request fails and the
+    replica stays in service. Matching "CUDA error" in the message took the replica out."""
+    engine = tiny_engine(cache)
+    restore = failing_unet(engine, RuntimeError(message))
+    events = collect(engine, REQUEST, previews=False)
+    restore()
+    assert [event["error_type"] for event in events] == ["generation_failed"]
+    assert healthy_gpu.threads and all(name.startswith("sdxl-pipeline") for name in healthy_gpu.threads)
+    engine.check_device()  # does not raise: Serve keeps the replica
+    assert [event["type"] for event in collect(engine, REQUEST, previews=False)] == ["final"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
+        ValueError("anything at all"),
+    ],
+)
+def test_a_dead_device_is_found_by_its_probe_however_the_error_is_worded(
+    cache: Path, dead_device: FakeGpuProbe, error: Exception
+) -> None:
+    engine = tiny_engine(cache)
+    failing_unet(engine, error)
+    assert [event["error_type"] for event in collect(engine, REQUEST, previews=False)] == ["device_error"]
+    assert not engine.usable
+
+
 def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Path) -> None:
     """cuBLAS reports running out of memory as a CUDA error; the device is still usable after it."""
     engine = tiny_engine(cache)
@@ -184,7 +255,7 @@ def test_cublas_allocation_failure_is_out_of_memory_not_a_dead_device(cache: Pat
     engine.check_device()  # does not raise: Serve keeps the replica
 
 
-def test_device_error_in_the_preview_path_makes_the_device_unusable(cache: Path) -> None:
+def test_device_error_in_the_preview_path_makes_the_device_unusable(cache: Path, dead_device: FakeGpuProbe) -> None:
     """A fake, as above, raised by the preview decoder: the preview worker hands the run the original
     exception, which is classified like any other, not as a generic preview failure."""
     engine = tiny_engine(cache)
@@ -197,7 +268,7 @@ def test_device_error_in_the_preview_path_makes_the_device_unusable(cache: Path)
 
 @pytest.mark.parametrize("failing", ["unet", "preview decoder"])
 def test_device_error_in_a_run_the_client_left_still_makes_the_device_unusable(
-    cache: Path, failing: str, monkeypatch: pytest.MonkeyPatch
+    cache: Path, failing: str, monkeypatch: pytest.MonkeyPatch, dead_device: FakeGpuProbe
 ) -> None:
     """The client leaves after the first event, and the (faked) device error comes after it: in the UNet
     before the run reaches a step boundary, or from a preview decode the run only looks at after it

@@ -85,14 +85,30 @@ def test_headers_travel_with_their_error() -> None:
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), OutOfMemory),
         (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), OutOfMemory),
         (RuntimeError("CUDA error: out of memory"), OutOfMemory),  # not the allocator's, still recoverable
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), DeviceError),
-        (RuntimeError("CUDA error: device-side assert triggered"), DeviceError),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), GenerationFailed),  # no probe: CPU
         (ValueError("bad shapes"), GenerationFailed),
         (RuntimeError("expected scalar type Half but found Float"), GenerationFailed),
     ],
 )
 def test_the_model_side_classifies_torch_failures(error: BaseException, expected: type) -> None:
     assert type(classify(error)) is expected
+
+
+def dead_probe() -> None:
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.parametrize(
+    ("error", "probe", "expected"),
+    [
+        (RuntimeError("CUDA error: too many resources requested for launch"), lambda: None, GenerationFailed),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), dead_probe, DeviceError),
+        (RuntimeError("CUDA error: out of memory"), dead_probe, OutOfMemory),  # survivable: no probe needed
+        (GenerationFailed(), dead_probe, GenerationFailed),  # ours, as raised
+    ],
+)
+def test_a_probe_of_the_device_not_the_message_decides_fatal(error: BaseException, probe, expected: type) -> None:
+    assert type(classify(error, probe=probe)) is expected
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,20 @@ def test_num_images_over_the_deployments_cap_is_a_422_naming_it() -> None:
         AppConfig(requests={"max_num_images": 2, "defaults": {"num_images": 4}})
 
 
+def test_a_batch_past_max_batch_pixels_is_a_422_before_it_reaches_a_gpu() -> None:
+    """width x height x num_images is what one kernel launch and the device's memory must hold: fal's
+    8 images at 2048x2048 is refused by default (4 at that size, or 8 at 1024x1024, are served)."""
+    policy = AppConfig().request_policy()
+    large = {"image_size": {"width": 2048, "height": 2048}}
+    assert policy.resolve(GenerationRequest(prompt="a fox", num_images=4, **large)).num_images == 4
+    assert policy.resolve(GenerationRequest(prompt="a fox", num_images=8)).num_images == 8
+    with pytest.raises(ValidationFailed) as raised:
+        policy.resolve(GenerationRequest(prompt="a fox", num_images=5, **large))
+    assert raised.value.status_code == 422 and "max_batch_pixels" in raised.value.detail[0]["msg"]
+    with pytest.raises(ValueError, match="over max_batch_pixels"):
+        AppConfig(requests={"max_batch_pixels": 512 * 512, "defaults": {"num_images": 2, "width": 512, "height": 512}})
+
+
 def test_production_config_is_fal_fast_sdxl() -> None:
     app = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]
     config = AppConfig.model_validate(app["args"])

@@ -17,6 +17,9 @@ RANDOM_SEEDS = 2**32  # a seed chosen for the client is below this
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE = 128, 2048
 MAX_NUM_IMAGES = 8  # fal fast-sdxl's limit; a deployment may cap it lower (`max_num_images`)
+# Pixels one request may generate (width x height x num_images), by default: 8 images at 1024x1024, 4 at
+# 2048x2048. fal allows 8 at 2048x2048 (33.5 M), past where one kernel launch of the VAE fits.
+MAX_BATCH_PIXELS = 4 * MAX_SIDE * MAX_SIDE
 DEFAULT_PREVIEW_INTERVAL = 5
 
 # fal fast-sdxl's `image_size` presets: (width, height).
@@ -244,6 +247,7 @@ class RequestPolicy(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict, description="Field values in this service's names.")
     preview_interval: int = DEFAULT_PREVIEW_INTERVAL
     max_num_images: int = MAX_NUM_IMAGES
+    max_batch_pixels: int = MAX_BATCH_PIXELS
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         """The request as the engine runs it: what the client sent, else the defaults (a random seed when
@@ -254,6 +258,16 @@ class RequestPolicy(BaseModel):
         if fields["num_images"] > self.max_num_images:
             limit = self.max_num_images
             message = f"Input should be less than or equal to {limit} (this service's max_num_images)"
+            raise ValidationFailed(
+                [{"type": "less_than_equal", "loc": ["body", "num_images"], "msg": message, "ctx": {"le": limit}}]
+            )
+        batch_pixels = fields["width"] * fields["height"] * fields["num_images"]
+        if batch_pixels > self.max_batch_pixels:
+            limit = self.max_batch_pixels
+            message = (
+                f"width x height x num_images is {batch_pixels}, over this service's max_batch_pixels ({limit}): "
+                "ask for fewer or smaller images"
+            )
             raise ValidationFailed(
                 [{"type": "less_than_equal", "loc": ["body", "num_images"], "msg": message, "ctx": {"le": limit}}]
             )
