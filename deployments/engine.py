@@ -4,7 +4,9 @@ It runs without Serve (tests and benchmarks drive it directly, or through
 `deployments.in_process.InProcessGenerationClient`); `deployments/sdxl.py` wraps it for Serve.
 `generate` is an async generator on purpose: Serve delivers a client's disconnect to it as
 `asyncio.CancelledError`, which stops the pipeline thread; the slot is released only after that
-thread has really stopped, so the next request never shares the device with it.
+thread has really stopped, so the next request never shares the device with it. The final images
+are encoded after the slot is released, on an encoder thread: a request waiting for the slot (with
+`max_ongoing_requests: 2` on the deployment) starts denoising while they are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from deployments.failures import device_probe
 from deployments.models import LoadedModels, load_models
-from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome
+from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome, UnencodedFinal
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
 from deployments.previews import PreviewSchedule
 from serve_app.config import AppConfig, ModelConfig, PreviewConfig, RequestConfig
@@ -75,6 +77,9 @@ class SDXLEngine:
         # thread keeps its OpenMP team (a fresh thread per run measured 4.6% slower) and its
         # cuBLAS/cuDNN handles, which the warm-up creates.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
+        # Final images are encoded here, off the pipeline thread and after the slot is free. PIL releases
+        # the GIL while it compresses; two threads let one request's encode overlap another's.
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdxl-encode")
         self._slot = asyncio.Lock()
         self._unusable_reason: str | None = None
         self._run: GenerationRun | None = None  # the run holding the slot: the watchdog reads its progress
@@ -94,6 +99,7 @@ class SDXLEngine:
         its catalog error after the slot is free."""
         called = time.perf_counter()
         outcome: RunOutcome | None = None
+        unencoded: UnencodedFinal | None = None
         self._refuse_if_unusable()
         async with self._slot:
             self._refuse_if_unusable()  # a run ahead of this one, waited for, may have killed the device
@@ -114,7 +120,10 @@ class SDXLEngine:
             done = asyncio.wrap_future(self._pipeline_thread.submit(execute, run.execute))
             try:
                 while (event := await run.next_event()) is not END_OF_STREAM:
-                    yield event
+                    if isinstance(event, UnencodedFinal):
+                        unencoded = event  # encoded below, once the next request may have the device
+                    else:
+                        yield event
             finally:
                 run.cancel()  # a no-op if the run already finished
                 outcome = await _wait_through_cancellation(done)
@@ -127,6 +136,9 @@ class SDXLEngine:
                     self._on_run_finished(outcome)
         if outcome.error is not None:
             raise outcome.error
+        if unencoded is not None:
+            execute = contextvars.copy_context().run  # the encoder's log lines carry the request id too
+            yield await asyncio.wrap_future(self._encoder.submit(execute, unencoded.encode))
 
     def _refuse_if_unusable(self) -> None:
         """Once the device is gone, every request fails at once as retryable: its caller (the relay, the

@@ -4,6 +4,10 @@ Cancellation and deadlines are checked in the pipeline's `callback_on_step_end`,
 stops within one step. We raise there rather than set diffusers' `interrupt`, because
 `interrupt` skips the remaining steps but still runs the full VAE decode.
 
+The final images leave the device once, as 8 bits (converted there; the safety checker reads them
+there too); the run hands them on unencoded (`UnencodedFinal`), and the engine encodes them after it
+has released the slot, so a PNG's encode (about 260 ms a 1024x1024 image) never holds the device.
+
 The run's `RunOutcome`, not an event a departed client may never read, is what tells the engine
 whether the device survived, and carries the error the engine raises to its caller.
 
@@ -25,12 +29,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from PIL import Image
 
 from deployments.failures import DeviceProbe, classify
 from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewRequest, PreviewWorker
-from deployments.previews import PreviewSchedule, encode_image
+from deployments.previews import PreviewSchedule, encode_image, final_pixels
 from serve_app.contract.errors import DeadlineExceeded, DeviceError, GenerationCancelled, GenerationFailed, ServiceError
 from serve_app.contract.events import FinalEvent, PreviewEvent, ProgressEvent, StreamEvent, Timings
 from serve_app.contract.requests import ResolvedRequest
@@ -39,7 +45,34 @@ logger = logging.getLogger("ray.serve")  # Serve's logger: its lines carry the r
 
 END_OF_STREAM = None
 
-EventSink = Callable[[StreamEvent | None], None]  # called on the pipeline or preview thread
+
+@dataclass(frozen=True)
+class UnencodedFinal:
+    """The final event with its images still 8-bit pixels (HWC, on the host): `encode` makes the event.
+    The engine calls it after the run has released the slot, off the pipeline thread."""
+
+    pixels: list[np.ndarray]
+    request: ResolvedRequest
+    has_nsfw_concepts: list[bool | None]
+    inference_s: float
+    started: float  # perf_counter at the pipeline's start: `timings.total` runs to the end of the encode
+    jpeg_quality: int
+
+    def encode(self) -> FinalEvent:
+        request = self.request
+        files = [encode_image(Image.fromarray(each), request.output_format, self.jpeg_quality) for each in self.pixels]
+        return FinalEvent(
+            image=files[0],
+            images=files,
+            seed=request.seed,
+            timings=Timings(inference=self.inference_s, total=time.perf_counter() - self.started),
+            prompt=request.prompt,
+            has_nsfw_concepts=self.has_nsfw_concepts,
+        )
+
+
+RunEvent = StreamEvent | UnencodedFinal
+EventSink = Callable[[RunEvent | None], None]  # called on the pipeline or preview thread
 
 
 RunStatus = Literal["completed", "cancelled", "failed"]
@@ -84,7 +117,7 @@ class GenerationRun:
         self._final_jpeg_quality = final_jpeg_quality
         self._timeout_s = timeout_s
         self._progress = progress
-        self._events: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._events: asyncio.Queue[RunEvent | None] = asyncio.Queue()
         self._on_event = on_event or _threadsafe_put(asyncio.get_running_loop(), self._events)
         self._cancelled = threading.Event()
         self._probe = probe
@@ -101,8 +134,8 @@ class GenerationRun:
         """Ask the run to stop at the next step boundary; safe from any thread."""
         self._cancelled.set()
 
-    async def next_event(self) -> StreamEvent | None:
-        """The next event, or `END_OF_STREAM` after the final event (or once a failed run ended)."""
+    async def next_event(self) -> RunEvent | None:
+        """The next event (the final one unencoded), or `END_OF_STREAM` after it (or once a failed run ended)."""
         return await self._events.get()
 
     def execute(self) -> RunOutcome:
@@ -147,7 +180,7 @@ class GenerationRun:
     def _outcome(self, status: RunStatus, error: ServiceError | None = None) -> RunOutcome:
         return RunOutcome(status, self._steps_completed, self._denoise_seconds, error)
 
-    def _generate(self) -> FinalEvent:
+    def _generate(self) -> UnencodedFinal:
         request, pipeline = self._request, self._models.pipeline
         started = self._started = time.perf_counter()
         self._deadline = started + self._timeout_s
@@ -169,8 +202,8 @@ class GenerationRun:
             images = output.images
             if not torch.isfinite(images).all():
                 raise GenerationFailed("the generated image contains NaN or infinite values")
-            images, has_nsfw_concepts = self._safety_checked(images)
-            pil_images = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))
+            pixels, has_nsfw_concepts = self._safety_checked(final_pixels(images))
+            host_pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # the one copy to the host, 8-bit
         inference_s = time.perf_counter() - started
         if self._cancelled.is_set():  # the client left during the final decode: nobody to send it to
             raise GenerationCancelled
@@ -178,18 +211,17 @@ class GenerationRun:
             self._preview_failure = preview_hung(self._timeout_s)
             raise self._preview_failure
         self._check_preview_error()
-        files = [encode_image(image, request.output_format, self._final_jpeg_quality) for image in pil_images]
-        return FinalEvent(
-            image=files[0],
-            images=files,
-            seed=request.seed,
-            timings=Timings(inference=inference_s, total=time.perf_counter() - started),
-            prompt=request.prompt,
+        return UnencodedFinal(
+            pixels=list(host_pixels),
+            request=request,
             has_nsfw_concepts=has_nsfw_concepts,
+            inference_s=inference_s,
+            started=started,
+            jpeg_quality=self._final_jpeg_quality,
         )
 
     def _safety_checked(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool | None]]:
-        """The images, flagged ones blacked out, and a flag per image; None per image when nothing was
+        """The 8-bit images, flagged ones blacked out, and a flag per image; None per image when nothing was
         checked (no checker configured, or the request turned it off): no claim about a check not run."""
         checker = self._models.safety_checker
         if checker is None or not self._request.enable_safety_checker:
@@ -247,7 +279,7 @@ class GenerationRun:
         if (failure := self._classified_preview_error()) is not None:
             raise failure
 
-    def _emit(self, event: StreamEvent | None) -> None:
+    def _emit(self, event: RunEvent | None) -> None:
         if self._cancelled.is_set() and event is not END_OF_STREAM:
             return
         self._on_event(event)

@@ -65,6 +65,12 @@ def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor, max_size:
     return decode_latents(decoder, latents, max_size).cpu()
 
 
+def final_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The pipeline's images ([N, 3, H, W] in [0, 1]) as 8-bit, on their device: converted once there, and
+    rounded as diffusers' `numpy_to_pil` rounds, so a quarter of the bytes cross to the host."""
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def pixels_to_image(pixels: torch.Tensor, max_size: int) -> Image.Image:
     """A PIL image, downscaled (aspect kept) so its long side is at most `max_size`."""
     image = Image.fromarray(pixels.numpy())

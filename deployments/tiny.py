@@ -33,12 +33,13 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from deployments.previews import final_pixels
 from deployments.safety import SafetyChecker
 
 # Bump when the layout or sizes below change, so stale caches are not reused.
 TINY_MODEL_VERSION = "v2"
 PREVIEW_DECODER_SUBDIR = "preview_decoder"
-SAFETY_CHECKER_SUBDIR = "safety_checker-v1"  # bump when the tiny checker's making below changes
+SAFETY_CHECKER_SUBDIR = "safety_checker-v2"  # bump when the tiny checker's making below changes
 _SEED = 20261124
 
 # The one image the tiny safety checker is built to flag: the tiny model's image for these pipeline
@@ -250,10 +251,11 @@ def write_tiny_safety_checker(directory: Path, model_dir: Path) -> None:
 
 
 def _tiny_images(pipeline: StableDiffusionXLPipeline, seeds: range | list[int]) -> torch.Tensor:
-    """The tiny model's images for `TINY_CHECKER_FLAGS` at these seeds, called as a generation run calls it."""
+    """The tiny model's 8-bit images for `TINY_CHECKER_FLAGS` at these seeds, as a generation run makes them."""
     arguments = {key: value for key, value in TINY_CHECKER_FLAGS.items() if key != "seed"}
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    return pipeline(**arguments, num_images_per_prompt=len(generators), generator=generators, output_type="pt").images
+    images = pipeline(**arguments, num_images_per_prompt=len(generators), generator=generators, output_type="pt").images
+    return final_pixels(images)
 
 
 def _post_layernorm(model: StableDiffusionSafetyChecker) -> torch.nn.LayerNorm:

@@ -3,17 +3,21 @@ under torch.compile, where the warm-up runs, and the config checks that keep GPU
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import deployments.engine as engine_module
+from deployments import pipeline_run
 from deployments.engine import EngineConfig, SDXLEngine, warmup_requests
-from deployments.models import LoadedModels, compile_pipeline
+from deployments.models import LoadedModels, compile_pipeline, load_models
 from deployments.preview_worker import CudaPreviewWorker
 from serve_app.config import AppConfig
+from serve_app.contract.events import RESULT_ONLY
 from serve_app.contract.requests import ResolvedRequest
 from tests.tiny_engine import collect, resolved, tiny_config
 
@@ -188,3 +192,58 @@ def test_tiny_model_on_cuda(cache: Path) -> None:
     assert [event["error_type"] for event in collect(engine, request, previews=False)] == ["generation_failed"]
     assert [event["type"] for event in collect(engine, request, previews=False)] == ["final"]
     engine.check_device()
+
+
+def test_final_images_are_encoded_after_the_slot_is_free_while_the_next_run_denoises(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests on one engine (a replica with `max_ongoing_requests: 2`): the first's final encode
+    (slowed here, as a PNG at 1024x1024 is) runs on an encoder thread after the slot is free, and the
+    second request's denoising starts while it does. The encode once held the device."""
+
+    engine = SDXLEngine(EngineConfig.of(tiny_config(cache)))
+    unet = engine.models.pipeline.unet
+    forward, second_run_denoising = unet.forward, threading.Event()
+    encodes: list[str] = []  # the thread of each encode
+    real_encode = pipeline_run.encode_image
+
+    def denoise(*args, **kwargs):
+        if encodes:  # a step after the first encode began: the second run's
+            second_run_denoising.set()
+        return forward(*args, **kwargs)
+
+    def slow_encode(*args, **kwargs):
+        first = not encodes
+        encodes.append(threading.current_thread().name)
+        if first:
+            assert second_run_denoising.wait(timeout=30), "the next run did not start while this one encoded"
+        return real_encode(*args, **kwargs)
+
+    unet.forward = denoise
+    monkeypatch.setattr(pipeline_run, "encode_image", slow_encode)
+    request = request_at(AppConfig(), 128, 128)
+
+    async def two_at_once() -> list[list[str]]:
+        async def one() -> list[str]:
+            return [event.type async for event in engine.generate(request, RESULT_ONLY)]
+
+        return list(await asyncio.gather(one(), one()))
+
+    assert asyncio.run(two_at_once()) == [["final"], ["final"]]
+    assert all(name.startswith("sdxl-encode") for name in encodes)
+    assert second_run_denoising.is_set()
+
+
+def test_the_safety_checker_reads_the_8_bit_images_its_processor_would_make_in_pil(cache: Path) -> None:
+    """The checker's preprocessing runs in torch on the images' device (no PIL round trip while the
+    slot is held) and gives what its CLIP image processor gives for the same images in PIL."""
+    config = tiny_config(cache, model={"safety_checker": "tiny"})
+    checker = load_models(config.model, config.previews).safety_checker
+    checker.processor.size = {"shortest_edge": 224}  # CompVis' checker's, from a non-square image
+    checker.processor.crop_size = {"height": 224, "width": 224}
+    pixels = (torch.rand(2, 3, 96, 160) * 255).round().to(torch.uint8)
+    ours = checker.clip_input(pixels)
+    pil_images = [Image.fromarray(each.permute(1, 2, 0).numpy()) for each in pixels]
+    theirs = checker.processor(pil_images, return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (2, 3, 224, 224)
+    assert (ours - theirs).abs().mean() < 0.02  # in normalized units (a 1/255 step is about 0.015)
