@@ -7,7 +7,6 @@ so does the optional safety checker (`safety_checker`: a hub id, a directory, or
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformers import CLIPImageProcessor
 
 from deployments.random_sdxl import build_random_sdxl
 from deployments.safety import SafetyChecker
+from deployments.speedups import compile_pipeline, fuse_qkv, quantize_unet, use_compile_cache
 from deployments.tiny import PREVIEW_DECODER_SUBDIR, default_cache_dir, ensure_tiny_model, ensure_tiny_safety_checker
 from serve_app.config import NO_SAFETY_CHECKER, RANDOM_SDXL, TAESDXL, TINY_MODEL, ModelConfig, PreviewConfig
 
@@ -72,8 +72,12 @@ def load_models(config: ModelConfig, previews: PreviewConfig) -> LoadedModels:
     safety_checker = _load_safety_checker(config, dtype)
     if safety_checker is not None:
         safety_checker.model.to(device)
+    if config.fuse_qkv:
+        fuse_qkv(pipeline)
+    if config.quantization != "none":
+        quantize_unet(pipeline, config.quantization, device)
     if device.type == "cuda":
-        _optimize_for_cuda(pipeline, decoder, config.compile)
+        _optimize_for_cuda(pipeline, config)
     logger.info("Loaded %s on %s as %s", config.source, device, dtype)
     return LoadedModels(
         pipeline=pipeline, preview_decoder=decoder, device=device, dtype=dtype, safety_checker=safety_checker
@@ -121,7 +125,7 @@ def _load_safety_checker(config: ModelConfig, dtype: torch.dtype) -> SafetyCheck
     return SafetyChecker(model=model.eval(), processor=processor)
 
 
-def _optimize_for_cuda(pipeline: StableDiffusionXLPipeline, decoder: AutoencoderTiny, compile_models: bool) -> None:
+def _optimize_for_cuda(pipeline: StableDiffusionXLPipeline, config: ModelConfig) -> None:
     """Channels-last convolutions (diffusers already uses SDPA attention); optionally compiled graphs."""
     for module in (pipeline.unet, pipeline.vae):
         module.to(memory_format=torch.channels_last)
@@ -130,17 +134,10 @@ def _optimize_for_cuda(pipeline: StableDiffusionXLPipeline, decoder: Autoencoder
             "This VAE upcasts to float32 for every decode (its config says force_upcast): slower, and it converts "
             "its weights twice per request; set `vae: madebyollin/sdxl-vae-fp16-fix` to decode in float16"
         )
-    if compile_models:
-        compile_pipeline(pipeline)
-
-
-def compile_pipeline(pipeline: StableDiffusionXLPipeline, backend: str | Callable = "inductor") -> None:
-    """torch.compile the UNet and the VAE decoder with static shapes: one graph per shape (size, and
-    the UNet's batch: 2 with classifier-free guidance, 1 without), each compiled on its first call,
-    which the engine's warm-up makes for every configured size. Static rather than dynamic: a second
-    size would otherwise make dynamo recompile a dynamic graph that then serves every shape, slower."""
-    pipeline.unet = torch.compile(pipeline.unet, backend=backend, dynamic=False)
-    pipeline.vae.decode = torch.compile(pipeline.vae.decode, backend=backend, dynamic=False)
+    if config.compile:
+        if config.compile_cache_dir:
+            use_compile_cache(config.compile_cache_dir)
+        compile_pipeline(pipeline, mode=config.compile_mode)
 
 
 def _tiny_dir(config: ModelConfig) -> Path:

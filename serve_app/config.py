@@ -75,6 +75,28 @@ class ModelConfig(Section):
         description="torch.compile the UNet and VAE decoder (CUDA only), one static graph per image shape: "
         "list every size the service should serve fast in `warmup_sizes`.",
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        default="default",
+        description="torch.compile's mode with `compile`: 'reduce-overhead' replays CUDA graphs (few-step models at "
+        "512, where kernel launches dominate), 'max-autotune' also tunes kernels (longer compiles). Off until "
+        "measured.",
+    )
+    compile_cache_dir: str | None = Field(
+        default=None,
+        description="Inductor's cache directory with `compile` (its FX graph, autograd and autotuning caches): on a "
+        "volume every replica mounts, a new replica loads compiled kernels instead of compiling for minutes.",
+    )
+    fuse_qkv: bool = Field(
+        default=False,
+        description="Fuse each attention's query, key and value projections into one matmul (diffusers' "
+        "`fuse_qkv_projections`, UNet and VAE). Off until measured.",
+    )
+    quantization: Literal["none", "int8_weight_only", "float8_weight_only", "float8_dynamic"] = Field(
+        default="none",
+        description="torchao quantization of the UNet's linear layers (`pip install '.[quantization]'`): int8 or "
+        "float8 weights, or float8 weights and activations ('float8_dynamic': CUDA compute capability 8.9+, e.g. "
+        "Hopper). Off until measured.",
+    )
     warmup_size: int | None = Field(
         default=None, ge=128, le=2048, multiple_of=8, description="Shorthand for `warmup_sizes: [NxN]`."
     )
@@ -112,6 +134,12 @@ class ModelConfig(Section):
                 raise ValueError(f"{size!r} is not WIDTHxHEIGHT, e.g. '1024x1024'")
             GenerationRequest.model_validate({"prompt": "check", "width": int(width), "height": int(height)})
         return sizes
+
+    @model_validator(mode="after")
+    def _compile_options_need_compile(self) -> ModelConfig:
+        if not self.compile and (self.compile_mode != "default" or self.compile_cache_dir):
+            raise ValueError("compile_mode and compile_cache_dir take effect only with compile: true")
+        return self
 
     def warmup_image_sizes(self) -> list[tuple[int, int]]:
         """(width, height) of each warm-up run, without repeats: `warmup_size`'s square, then `warmup_sizes`."""

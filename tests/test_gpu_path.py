@@ -14,8 +14,9 @@ from PIL import Image
 import deployments.engine as engine_module
 from deployments import pipeline_run
 from deployments.engine import EngineConfig, SDXLEngine, warmup_requests
-from deployments.models import LoadedModels, compile_pipeline, load_models
+from deployments.models import LoadedModels, load_models
 from deployments.preview_worker import CudaPreviewWorker
+from deployments.speedups import compile_pipeline
 from serve_app.config import AppConfig
 from serve_app.contract.events import RESULT_ONLY
 from serve_app.contract.requests import ResolvedRequest
