@@ -37,6 +37,7 @@ from deployments.failures import DeviceProbe, classify
 from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewRequest, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image, final_pixels
+from deployments.step_clock import StepClock
 from serve_app.contract.errors import DeadlineExceeded, DeviceError, GenerationCancelled, GenerationFailed, ServiceError
 from serve_app.contract.events import FinalEvent, PreviewEvent, ProgressEvent, StreamEvent, Timings
 from serve_app.contract.requests import ResolvedRequest
@@ -124,9 +125,8 @@ class GenerationRun:
         self._preview_error: BaseException | None = None  # as the preview worker reported it, unclassified
         self._preview_failure: ServiceError | None = None
         self._deadline = float("inf")
-        self._started = 0.0
+        self._clock = StepClock(models.device)
         self._steps_completed = 0
-        self._denoise_seconds = 0.0
         self._on_first_preview = on_first_preview
         self.last_progress = time.monotonic()  # a step or a preview: what the engine's watchdog reads
 
@@ -178,11 +178,12 @@ class GenerationRun:
         return 0.0 if self._preview_failure is not None else self._timeout_s  # hung already: no second wait
 
     def _outcome(self, status: RunStatus, error: ServiceError | None = None) -> RunOutcome:
-        return RunOutcome(status, self._steps_completed, self._denoise_seconds, error)
+        return RunOutcome(status, self._steps_completed, self._clock.denoise_seconds(), error)
 
     def _generate(self) -> UnencodedFinal:
         request, pipeline = self._request, self._models.pipeline
-        started = self._started = time.perf_counter()
+        started = time.perf_counter()
+        self._clock.start()
         self._deadline = started + self._timeout_s
         generators = batch_generators(request.seed, request.num_images)
         with torch.inference_mode():
@@ -232,7 +233,7 @@ class GenerationRun:
     def _on_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.last_progress = time.monotonic()
         self._steps_completed = step + 1
-        self._denoise_seconds = time.perf_counter() - self._started
+        self._clock.step_ended()
         if self._cancelled.is_set():
             raise GenerationCancelled
         if time.perf_counter() > self._deadline:

@@ -356,3 +356,21 @@ def test_check_device_waits_for_the_gpu_only_between_runs(engine: SDXLEngine, mo
     monkeypatch.setattr(SDXLEngine, "busy", property(lambda engine: True))
     engine.check_device()
     assert synchronized == [torch.device("cuda")]
+
+
+def test_a_failing_metrics_callback_fails_no_generation(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Metrics are called on the pipeline and preview threads and at a run's end: one that raises (a
+    metrics backend's bug) is logged, and the client still gets its images."""
+
+    def broken(*args: object) -> None:
+        raise ValueError("metrics backend down")
+
+    engine = SDXLEngine(
+        EngineConfig.of(tiny_config(cache)),
+        on_preview_rendered=broken,
+        on_run_finished=broken,
+        on_first_preview=broken,
+    )
+    assert [event["type"] for event in collect(engine, REQUEST)] == ["preview", "final"]
+    assert "metrics backend down" in caplog.text and not engine.busy
+    assert [event["type"] for event in collect(engine, REQUEST)] == ["preview", "final"]
