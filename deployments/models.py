@@ -12,15 +12,24 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessor
 
 from deployments.random_sdxl import build_random_sdxl
 from deployments.safety import SafetyChecker
 from deployments.speedups import compile_pipeline, fuse_qkv, quantize_unet, use_compile_cache
+from deployments.tasks import image_pipelines
 from deployments.tiny import PREVIEW_DECODER_SUBDIR, default_cache_dir, ensure_tiny_model, ensure_tiny_safety_checker
 from serve_app.config import NO_SAFETY_CHECKER, RANDOM_SDXL, TAESDXL, TINY_MODEL, ModelConfig, PreviewConfig
+from serve_app.contract.requests import Task
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +43,17 @@ class LoadedModels:
     device: torch.device
     dtype: torch.dtype
     safety_checker: SafetyChecker | None = None  # None: nothing is checked
+    image_to_image: StableDiffusionXLImg2ImgPipeline | None = None  # the text pipeline's modules, shared
+    inpainting: StableDiffusionXLInpaintPipeline | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_to_image is None or self.inpainting is None:
+            self.image_to_image, self.inpainting = image_pipelines(self.pipeline)
+
+    def for_task(self, task: Task) -> DiffusionPipeline:
+        return {"text-to-image": self.pipeline, "image-to-image": self.image_to_image, "inpainting": self.inpainting}[
+            task
+        ]
 
 
 def resolve_device(device: str) -> torch.device:

@@ -38,6 +38,7 @@ from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewRequest, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image, final_pixels
 from deployments.step_clock import StepClock
+from deployments.tasks import task_arguments
 from serve_app.contract.errors import DeadlineExceeded, DeviceError, GenerationCancelled, GenerationFailed, ServiceError
 from serve_app.contract.events import FinalEvent, PreviewEvent, ProgressEvent, StreamEvent, Timings
 from serve_app.contract.requests import ResolvedRequest
@@ -181,7 +182,8 @@ class GenerationRun:
         return RunOutcome(status, self._steps_completed, self._clock.denoise_seconds(), error)
 
     def _generate(self) -> UnencodedFinal:
-        request, pipeline = self._request, self._models.pipeline
+        request = self._request
+        pipeline = self._models.for_task(request.task)
         started = time.perf_counter()
         self._clock.start()
         self._deadline = started + self._timeout_s
@@ -192,13 +194,12 @@ class GenerationRun:
                     prompt=request.prompt,
                     negative_prompt=request.negative_prompt,
                     num_inference_steps=request.num_inference_steps,
-                    width=request.width,
-                    height=request.height,
                     guidance_scale=request.guidance_scale,
                     num_images_per_prompt=request.num_images,
                     generator=generators,
                     output_type="pt",  # checked for NaNs before it becomes an image
                     callback_on_step_end=self._on_step_end,
+                    **task_arguments(request),
                 )
             images = output.images
             if not torch.isfinite(images).all():
@@ -240,11 +241,11 @@ class GenerationRun:
             raise DeadlineExceeded(f"the request ran past its {self._timeout_s:g} s time limit at step {step}")
         self._check_preview_error()
         if self._progress:
-            self._emit(ProgressEvent(step=step, num_inference_steps=self._request.num_inference_steps))
+            self._emit(ProgressEvent(step=step, num_inference_steps=self._request.denoising_steps))
         if self._schedule.is_preview_step(step):
             request = PreviewRequest(
                 step=step,
-                num_inference_steps=self._request.num_inference_steps,
+                num_inference_steps=self._request.denoising_steps,
                 latents=callback_kwargs["latents"],
                 deliver=self._deliver_preview,
                 fail=self._record_preview_error,

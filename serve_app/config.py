@@ -221,6 +221,51 @@ class RequestConfig(Section):
         return {**REQUEST_PROFILES[self.profile], **self.defaults}
 
 
+# What Serve's proxy lets through to an image route, whatever `inputs.max_body_bytes` says: the proxy starts
+# before any config is read (`serve_app.http.edge`), so its bound is this ceiling.
+IMAGE_BODY_CEILING_BYTES = 64 * 1024 * 1024
+IMAGE_BODY_TIMEOUT_CEILING_S = 120.0
+
+
+class InputConfig(Section):
+    """Images clients send (image to image, inpainting): where they may come from and how large they may be."""
+
+    url_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs the service fetches (exact, '.example.com' for subdomains, '*' "
+        "for any public host); empty: URL inputs are off (data URIs, this service's own URLs and uploads still work).",
+    )
+    url_allow_private_networks: bool = Field(
+        default=False,
+        description="Fetch from private, loopback and link-local addresses too (checked at connect time). Only for "
+        "a trusted network: it lets a client make the service call internal hosts.",
+    )
+    url_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Time limit to fetch one image URL.")
+    max_image_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest image file accepted, however it arrives."
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=MIN_SIDE * MIN_SIDE,
+        description="Largest image, width x height, read from its header before it is decoded (a decompression "
+        "bomb is refused without being decoded). Larger inputs are refused; inputs within it are scaled to fit "
+        "the output sides (2048 px at most) unless the request gives a size.",
+    )
+    max_body_bytes: int = Field(
+        default=48 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=IMAGE_BODY_CEILING_BYTES,
+        description="Body limit of the image routes and of uploads (text-to-image routes keep 1 MiB): a data URI of "
+        "an 8-megapixel PNG fits.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, le=IMAGE_BODY_TIMEOUT_CEILING_S, description="Time limit for an image route's body."
+    )
+    upload_expiration_s: float = Field(
+        default=24 * 3600.0, ge=60, description="How long an upload (fal's storage protocol) is kept to be used."
+    )
+
+
 class HttpConfig(Section):
     """The HTTP side: keys, browsers, hosts, per-client limits and the stream's timing."""
 
@@ -389,7 +434,7 @@ class StatusServerConfig(Section):
         return value
 
 
-SECTIONS = ("model", "previews", "requests", "http", "queue", "status_server")
+SECTIONS = ("model", "previews", "requests", "http", "queue", "inputs", "status_server")
 
 # Flat keys of earlier releases -> (section, field).
 LEGACY_KEYS: dict[str, tuple[str, str]] = {
@@ -487,6 +532,7 @@ class AppConfig(BaseModel):
     requests: RequestConfig = Field(default_factory=RequestConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    inputs: InputConfig = Field(default_factory=InputConfig)
     status_server: StatusServerConfig = Field(default_factory=StatusServerConfig)
 
     @model_validator(mode="before")

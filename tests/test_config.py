@@ -62,4 +62,6 @@ def test_a_resolved_request_has_a_seed_and_nothing_left_to_default() -> None:
     assert set(resolved.model_dump()) == {
         "prompt", "negative_prompt", "num_inference_steps", "width", "height", "seed", "guidance_scale",
         "num_images", "preview_interval", "output_format", "sync_mode", "enable_safety_checker",
+        "task", "strength", "image", "mask",
     }  # fmt: skip
+    assert (resolved.task, resolved.image, resolved.mask) == ("text-to-image", None, None)

@@ -1,12 +1,13 @@
-"""What a client asks for (`GenerationRequest`, fal's fields and ours) and what the engine runs
-(`ResolvedRequest`: every default applied, the seed chosen). `RequestPolicy.resolve` is the one
+"""What a client asks for (`GenerationRequest`, fal's fields and ours; `ImageToImageRequest` and
+`InpaintingRequest` for fast-sdxl's other two endpoints) and what the engine runs (`ResolvedRequest`:
+every default applied, the seed chosen, input images as checked bytes). `RequestPolicy.resolve` is the one
 place a request becomes runnable, so no entry point can forget the service's defaults or limits.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -21,6 +22,10 @@ MAX_NUM_IMAGES = 8  # fal fast-sdxl's limit; a deployment may cap it lower (`max
 # 2048x2048. fal allows 8 at 2048x2048 (33.5 M), past where one kernel launch of the VAE fits.
 MAX_BATCH_PIXELS = 4 * MAX_SIDE * MAX_SIDE
 DEFAULT_PREVIEW_INTERVAL = 5
+DEFAULT_STRENGTH = 0.95  # fal fast-sdxl image-to-image's and inpainting's
+MAX_IMAGE_URL_CHARS = 64 * 1024 * 1024  # a data URI of an 8-megapixel PNG; the body limit binds first
+
+Task = Literal["text-to-image", "image-to-image", "inpainting"]
 
 # fal fast-sdxl's `image_size` presets: (width, height).
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -215,6 +220,38 @@ class GenerationRequest(BaseModel):
         return self
 
 
+class ImageToImageRequest(GenerationRequest):
+    """fal fast-sdxl's image-to-image: every text-to-image field, and the image to start from. The output
+    takes the input's size (within the service's limits) unless `image_size` (or `width` and `height`)
+    is sent."""
+
+    image_url: str = Field(
+        min_length=1,
+        max_length=MAX_IMAGE_URL_CHARS,
+        description="The image: a data URI, an http(s) URL (hosts the service allows), or a URL this service "
+        "gave (a result's `/files/...`, an upload's `file_url`). PNG, JPEG or WebP.",
+    )
+    strength: float = Field(
+        default=DEFAULT_STRENGTH,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="How much to change the image: 1 ignores it; the steps run are strength x num_inference_steps.",
+    )
+    task: ClassVar[Task] = "image-to-image"
+
+
+class InpaintingRequest(ImageToImageRequest):
+    """fal fast-sdxl's inpainting: image-to-image within a mask (white repaints, black keeps)."""
+
+    mask_url: str = Field(
+        min_length=1,
+        max_length=MAX_IMAGE_URL_CHARS,
+        description="The mask, as `image_url`; white is repainted. Resized to the image's size if it differs.",
+    )
+    task: ClassVar[Task] = "inpainting"
+
+
 class ResolvedRequest(BaseModel):
     """A request as the engine runs it: the service's defaults applied and its limits checked, the seed
     chosen. Only `RequestPolicy.resolve` makes one from a client's request; the engine takes nothing else.
@@ -234,9 +271,21 @@ class ResolvedRequest(BaseModel):
     output_format: OutputFormat
     sync_mode: bool = False
     enable_safety_checker: bool = True
+    task: Task = "text-to-image"
+    strength: float = Field(default=1.0, description="Image to image and inpainting: how much to change the image.")
+    image: bytes | None = Field(default=None, description="The input image's file (checked), for image tasks.")
+    mask: bytes | None = Field(default=None, description="The inpainting mask's file (checked).")
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the pipeline really runs: image tasks start part-way, at `strength` (as diffusers counts)."""
+        if self.task == "text-to-image":
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
 
-RUN_FIELDS = frozenset(ResolvedRequest.model_fields) - {"seed", "preview_interval"}
+RUN_FIELDS = frozenset(ResolvedRequest.model_fields) - {"seed", "preview_interval", "task", "strength", "image", "mask"}
+SIZE_FIELDS = frozenset({"width", "height"})
 
 
 class RequestPolicy(BaseModel):
@@ -249,12 +298,27 @@ class RequestPolicy(BaseModel):
     max_num_images: int = MAX_NUM_IMAGES
     max_batch_pixels: int = MAX_BATCH_PIXELS
 
-    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+    def resolve(
+        self, request: GenerationRequest, input_size: tuple[int, int] | None = None, **images: bytes
+    ) -> ResolvedRequest:
         """The request as the engine runs it: what the client sent, else the defaults (a random seed when
-        neither has one); a 422 naming the field for a limit of this deployment's (`max_num_images`)."""
+        neither has one); a 422 naming the field for a limit of this deployment's (`max_num_images`).
+
+        An image task's size is `input_size` (the input image's, fitted to the service's sides) unless
+        the client sent one: the defaults' size does not apply. `images` are its checked `image`/`mask`."""
         sent = request.model_fields_set
         fields = {name: getattr(request, name) for name in RUN_FIELDS}
-        fields.update({name: value for name, value in self.defaults.items() if name not in sent and name in fields})
+        defaults = {name: value for name, value in self.defaults.items() if name not in sent and name in fields}
+        if input_size is not None:
+            defaults = {name: value for name, value in defaults.items() if name not in SIZE_FIELDS}
+            if not SIZE_FIELDS & sent:
+                fields["width"], fields["height"] = input_size
+        fields.update(defaults)
+        if isinstance(request, ImageToImageRequest):
+            fields.update(task=request.task, strength=request.strength, **images)
+            if min(int(fields["num_inference_steps"] * request.strength), fields["num_inference_steps"]) < 1:
+                message = "strength x num_inference_steps is under one step: raise either"
+                raise ValidationFailed([{"type": "greater_than_equal", "loc": ["body", "strength"], "msg": message}])
         if fields["num_images"] > self.max_num_images:
             limit = self.max_num_images
             message = f"Input should be less than or equal to {limit} (this service's max_num_images)"

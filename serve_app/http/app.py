@@ -21,7 +21,7 @@ from serve_app.config import AppConfig
 from serve_app.contract.errors import ErrorBody
 from serve_app.contract.events import FinalEvent, GenerationResult, PreviewEvent
 from serve_app.contract.queue import CancelAccepted, QueueStatus, QueueSubmitted
-from serve_app.contract.requests import GenerationRequest
+from serve_app.contract.requests import GenerationRequest, ImageToImageRequest, InpaintingRequest
 from serve_app.http.edge import BODY_TIMEOUT_S, MAX_BODY_BYTES, MAX_HEAD_BYTES, BodyGuard, HeadSizeLimit, HostAllowList
 from serve_app.http.errors import add_error_handlers
 from serve_app.http.middleware import (
@@ -31,10 +31,14 @@ from serve_app.http.middleware import (
     FalRequestId,
     RequireApiKey,
     SecurityHeaders,
+    request_owner,
 )
 from serve_app.http.queue_api import QueueApi, start_timeout_s
 from serve_app.http.relay import GenerationRelay
-from serve_app.http.routes import RouteTable
+from serve_app.http.routes import IMAGE_TASKS, RouteTable
+from serve_app.inputs.resolver import Caller, ImageInputs
+from serve_app.inputs.uploads import UploadInitiate, Uploads, UploadTarget
+from serve_app.queue.outputs import OutputStore
 
 PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
 # Sent by @fal-ai/client (x-fal-queue-priority on every submit): a browser preflight must allow them.
@@ -47,7 +51,7 @@ FAL_CLIENT_HEADERS = (
 
 ERROR_RESPONSES = {
     401: {"model": ErrorBody, "description": "API keys are configured and the request has none or a wrong one."},
-    413: {"model": ErrorBody, "description": "The body is over 1 MiB."},
+    413: {"model": ErrorBody, "description": "The body is over 1 MiB (image routes: `inputs.max_body_bytes`)."},
     429: {"model": ErrorBody, "description": "`max_generations_per_client` reached: retry after `Retry-After`."},
     503: {"model": ErrorBody, "description": "Overloaded: retry after `Retry-After` seconds."},
 }
@@ -78,7 +82,14 @@ def build_http_app(
     relay: GenerationRelay,
     queue_api: QueueApi,
     health: Callable[[], Awaitable[Response]],
+    outputs: OutputStore | None = None,
 ) -> FastAPI:
+    """`outputs`: the object store of result files and uploads (the queue's, `queue.outputs_url`); in memory
+    when not given (tests of routes that store nothing)."""
+    outputs = outputs or OutputStore.in_memory(config.queue)
+    inputs = ImageInputs(config.inputs, outputs)
+    uploads = Uploads(outputs, config.inputs)
+    keys = ApiKeys.from_env(config.http.api_keys_env)
     app = FastAPIOffline(  # FastAPI with /docs and /redoc served from the package, not a CDN
         title="Streaming SDXL",
         description="fal-compatible SDXL: `POST /stream` streams TAESD previews then the final image as SSE; "
@@ -99,6 +110,35 @@ def build_http_app(
     async def submit(body: GenerationRequest, request: Request, fal_webhook: str | None = None) -> Response:
         """Queue a generation; poll `status_url`, then fetch `response_url`."""
         return await queue_api.submit(policy.resolve(body), request, fal_webhook)
+
+    def caller(request: Request) -> Caller:
+        return Caller(owner=request_owner(keys, request.headers), host=request.headers.get("host", ""))
+
+    def image_task_handlers(model: type[ImageToImageRequest]) -> dict[str, Handler]:
+        """Run, stream and submit for one image task: its images loaded and checked, then as text to image."""
+
+        async def image_run(body: model, request: Request):  # type: ignore[valid-type]
+            return await relay.run(await inputs.resolve(body, policy, caller(request)), start_timeout_s(request))
+
+        async def image_stream(body: model, request: Request):  # type: ignore[valid-type]
+            return await relay.stream(await inputs.resolve(body, policy, caller(request)), start_timeout_s(request))
+
+        async def image_submit(body: model, request: Request, fal_webhook: str | None = None) -> Response:  # type: ignore[valid-type]
+            return await queue_api.submit(await inputs.resolve(body, policy, caller(request)), request, fal_webhook)
+
+        image_run.__doc__ = f"{model.__doc__.splitlines()[0]} Returns the finished image as JSON."
+        image_stream.__doc__ = f"{model.__doc__.splitlines()[0]} Streams previews, then the final image."
+        image_submit.__doc__ = f"{model.__doc__.splitlines()[0]} Queued: poll its status, then fetch its result."
+        return {"run": image_run, "stream": image_stream, "submit": image_submit}
+
+    async def upload_initiate(body: UploadInitiate, request: Request) -> UploadTarget:
+        """fal's upload protocol, step one (`fal.storage.upload`): where to PUT an image, and its URL."""
+        return uploads.initiate(body, caller(request).owner, str(request.base_url))
+
+    async def upload_put(token: str, name: str, request: Request) -> Response:
+        """fal's upload protocol, step two: the image's bytes, once, before the upload expires."""
+        await uploads.receive(f"{token}/{name}", await request.body())
+        return Response(status_code=200)
 
     async def status(request_id: str, request: Request, logs: str | None = None) -> Response:
         """IN_QUEUE (with `queue_position`), IN_PROGRESS or COMPLETED; `logs=1` adds the job's logs."""
@@ -154,10 +194,17 @@ def build_http_app(
         "result": (result, {"response_model": GenerationResult, "responses": JOB_RESPONSES}),
         "cancel": (cancel, {"response_model": CancelAccepted, "status_code": 202, "responses": JOB_RESPONSES}),
         "file": (file, {"include_in_schema": False}),
+        "upload_initiate": (upload_initiate, {"response_model": UploadTarget}),
+        "upload_put": (upload_put, {"include_in_schema": False}),
         "playground": (playground, {"response_class": HTMLResponse, "include_in_schema": False}),
         "jwks": (jwks, {}),
         "health": (health_check, {}),
     }
+    for kind, model in zip(IMAGE_TASKS.values(), (ImageToImageRequest, InpaintingRequest), strict=True):
+        task_handlers = image_task_handlers(model)
+        handlers[f"{kind}_run"] = (task_handlers["run"], dict(handlers["run"][1]))
+        handlers[f"{kind}_stream"] = (task_handlers["stream"], dict(handlers["stream"][1]))
+        handlers[f"{kind}_submit"] = (task_handlers["submit"], dict(handlers["submit"][1]))
     for endpoint in routes.endpoints:
         handler, options = handlers[endpoint.name]
         app.add_api_route(endpoint.path, handler, methods=sorted(endpoint.methods), name=endpoint.name, **options)
@@ -168,8 +215,13 @@ def build_http_app(
     # or a foreign Host is refused before anything else; CORS answers preflights before auth; auth
     # rejects before the body is read; the per-client limit counts only authenticated requests; the
     # body is read (bounded in size and time) last, just before the routes.
-    keys = ApiKeys.from_env(config.http.api_keys_env)
-    app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, timeout_s=BODY_TIMEOUT_S, stop_on_disconnect=True)
+
+    def body_limits(scope: dict) -> tuple[int, float]:
+        if routes.takes_images(scope.get("method", ""), scope.get("path", "")):
+            return config.inputs.max_body_bytes, config.inputs.body_timeout_s
+        return MAX_BODY_BYTES, BODY_TIMEOUT_S
+
+    app.add_middleware(BodyGuard, stop_on_disconnect=True, limits_for=body_limits)
     if config.http.max_generations_per_client is not None and queue_api.ledger is not None:
         app.add_middleware(
             ClientConcurrencyLimit,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import anyio
 from ray.serve._private.constants import (
@@ -31,10 +31,14 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.config import IMAGE_BODY_CEILING_BYTES, IMAGE_BODY_TIMEOUT_CEILING_S
 from serve_app.contract.errors import HeadersTooLarge, HostNotAllowed, RequestTimeout, RequestTooLarge, ServiceError
 from serve_app.http.errors import error_response
 
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
+# Routes whose bodies carry images (image to image, inpainting, their queue submits, an upload's PUT), by path
+# alone: Serve's proxy knows no app id. The app holds them to `inputs.max_body_bytes` after it.
+IMAGE_ROUTE = re.compile(r"(.*/(image-to-image|inpainting)(/stream)?|/storage/upload/[^/]+/[^/]+)")
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers: nginx's default total (4 x 8 KiB buffers)
 BODY_TIMEOUT_S = 10.0  # from the request head to the body's last byte
 
@@ -139,7 +143,8 @@ class BodyGuard:
 
     At most `max_bytes` (413 `request_too_large`: by the declared length before anything is read, so
     `Expect: 100-continue` gets no `100 Continue`; while a chunked body streams in, without parsing it),
-    all of it within `timeout_s` of the head (408 `request_timeout`). A client that leaves before its
+    all of it within `timeout_s` of the head (408 `request_timeout`); `limits_for(scope)`, when given,
+    chooses both per request instead (image routes take larger bodies). A client that leaves before its
     body is complete gets nothing and starts nothing. With `stop_on_disconnect`, a client leaving later
     cancels the app (the route's cleanup stops its generation) whether or not the proxy in front
     watched for it: a client cannot opt out with `x-request-disconnect-disabled`.
@@ -151,10 +156,10 @@ class BodyGuard:
         max_bytes: int = MAX_BODY_BYTES,
         timeout_s: float = BODY_TIMEOUT_S,
         stop_on_disconnect: bool = False,
+        limits_for: Callable[[Scope], tuple[int, float]] | None = None,
     ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
+        self.limits_for = limits_for or (lambda scope: (max_bytes, timeout_s))
         self.stop_on_disconnect = stop_on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,29 +168,30 @@ class BodyGuard:
         headers = Headers(scope=scope)
         if "content-length" not in headers and "transfer-encoding" not in headers:
             return await self.app(scope, receive, send)  # no body
+        max_bytes, timeout_s = self.limits_for(scope)
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await reject(self._too_large(), scope, receive, send)
+        if declared.isdigit() and int(declared) > max_bytes:
+            return await reject(_too_large(max_bytes), scope, receive, send)
         try:
-            with anyio.fail_after(self.timeout_s):
-                body = await self._read(receive)
+            with anyio.fail_after(timeout_s):
+                body = await self._read(receive, max_bytes)
         except _BodyTooLarge:
-            return await reject(self._too_large(), scope, receive, send)
+            return await reject(_too_large(max_bytes), scope, receive, send)
         except TimeoutError:
-            error = RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s")
+            error = RequestTimeout(f"the request body did not arrive within {timeout_s:g} s")
             return await reject(error, scope, receive, send)
         except _ClientGone:
             return None
         await self._run(scope, body, receive, send)
 
-    async def _read(self, receive: Receive) -> bytes:
+    async def _read(self, receive: Receive, max_bytes: int) -> bytes:
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             body += message.get("body", b"")
-            if len(body) > self.max_bytes:
+            if len(body) > max_bytes:
                 raise _BodyTooLarge
             if not message.get("more_body", False):
                 return bytes(body)
@@ -215,8 +221,16 @@ class BodyGuard:
         if self.stop_on_disconnect:
             app_scope.cancel()
 
-    def _too_large(self) -> RequestTooLarge:
-        return RequestTooLarge(f"request body is larger than {self.max_bytes} bytes")
+
+def _too_large(max_bytes: int) -> RequestTooLarge:
+    return RequestTooLarge(f"request body is larger than {max_bytes} bytes")
+
+
+def proxy_body_limits(scope: Scope) -> tuple[int, float]:
+    """The proxy's body bounds: an image route's ceiling, else the 1 MiB every other route keeps."""
+    if IMAGE_ROUTE.fullmatch(scope.get("path", "")):
+        return IMAGE_BODY_CEILING_BYTES, IMAGE_BODY_TIMEOUT_CEILING_S
+    return MAX_BODY_BYTES, BODY_TIMEOUT_S
 
 
 LOOPBACK_NAMES = ("localhost",)
@@ -284,4 +298,8 @@ def proxy_middlewares() -> list[Middleware]:
     """Ray's proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.http.edge:proxy_middlewares`):
     the middlewares Serve's proxy wraps around itself, last outermost. In order, a request meets the
     head size limit, the header filter, then the body guard, before Serve sees it."""
-    return [Middleware(BodyGuard), Middleware(ServeHeaderFilter), Middleware(HeadSizeLimit)]
+    return [
+        Middleware(BodyGuard, limits_for=proxy_body_limits),
+        Middleware(ServeHeaderFilter),
+        Middleware(HeadSizeLimit),
+    ]

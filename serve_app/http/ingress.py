@@ -23,6 +23,7 @@ from serve_app.http.queue_api import QueueApi
 from serve_app.http.relay import GenerationRelay
 from serve_app.http.routes import route_table
 from serve_app.http.status_server import StatusServer
+from serve_app.queue.outputs import OutputStore
 
 
 @serve.deployment
@@ -47,7 +48,9 @@ class SDXLIngress:
         if config.http.max_generations_per_client is not None:
             queue_api.ledger = ClientLedger(queue_api.in_flight)
         routes = route_table(config.app_id)
-        self._app = build_http_app(config, routes, relay, queue_api, self.health)
+        # The outputs' object store: image inputs read results and uploads from it, and uploads land in it.
+        outputs = OutputStore.open(config.queue)
+        self._app = build_http_app(config, routes, relay, queue_api, self.health, outputs)
         self._status_server: StatusServer | None = None
         if config.status_server.port is not None:
             self._status_server = StatusServer(self._app, routes, config.status_server.host, config.status_server.port)

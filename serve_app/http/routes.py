@@ -25,6 +25,7 @@ class Endpoint:
     generation: bool = False  # a stream, a run or a queue submit: counts against `max_generations_per_client`
     status_port: bool = False  # also answered on `status_port` (GET, HEAD and a CORS preflight)
     poll: bool = False  # a status poll: counts against `max_polls_per_client_per_s`
+    images_in: bool = False  # its body may carry images: `inputs.max_body_bytes` and `inputs.body_timeout_s`
 
     @property
     def pattern(self) -> re.Pattern:
@@ -60,18 +61,38 @@ class RouteTable:
         endpoint = self.match(method, path)
         return endpoint is not None and endpoint.poll
 
+    def takes_images(self, method: str, path: str) -> bool:
+        endpoint = self.match(method, path)
+        return endpoint is not None and endpoint.images_in
+
     def on_status_port(self, method: str, path: str) -> bool:
         return method in SAFE_METHODS and any(endpoint.status_port for endpoint in self.for_path(path))
 
 
+# fal fast-sdxl's two other endpoints, as path suffixes of the app id (and of the root, and of the queue).
+IMAGE_TASKS = {"image-to-image": "image_to_image", "inpainting": "inpainting"}
+
+
 def route_table(app_id: str) -> RouteTable:
-    """This app's endpoints: run and stream at the root and at `/{app_id}` (what fal clients call), fal's
-    queue under `/queue/{app_id}`, result files, health, the playground."""
+    """This app's endpoints: run and stream at the root and at `/{app_id}` (what fal clients call), for text
+    to image and at `/image-to-image` and `/inpainting` below those; fal's queue under `/queue/{app_id}`
+    (submits for each task, one set of job routes), result files, fal's upload protocol, health, the
+    playground."""
     get, post, put = frozenset({"GET"}), frozenset({"POST"}), frozenset({"PUT"})
     queue = f"/queue/{app_id}"
     job = f"{queue}/requests/{{request_id}}"
+    image_routes = [
+        Endpoint(f"{kind}_{name}", f"{base}/{task}{suffix}", post, generation=True, images_in=True)
+        for task, kind in IMAGE_TASKS.items()
+        for base in ("", f"/{app_id}")
+        for name, suffix in (("run", ""), ("stream", "/stream"))
+    ] + [
+        Endpoint(f"{kind}_submit", f"{queue}/{task}", post, generation=True, images_in=True)
+        for task, kind in IMAGE_TASKS.items()
+    ]
     return RouteTable(
         [
+            *image_routes,
             Endpoint("playground", "/", get, needs_key=False),
             Endpoint("health", "/health", get, needs_key=False, status_port=True),
             Endpoint("run", "/", post, generation=True),
@@ -85,6 +106,9 @@ def route_table(app_id: str) -> RouteTable:
             Endpoint("cancel", f"{job}/cancel", put),
             # Result images: their URLs carry an unguessable token, as fal's CDN URLs do.
             Endpoint("file", "/files/{token}/{name}", get, needs_key=False),
+            # fal's upload protocol (`fal.storage.upload`): the PUT carries no key; its URL's token is the permission.
+            Endpoint("upload_initiate", "/storage/upload/initiate", post),
+            Endpoint("upload_put", "/storage/upload/{token}/{name}", put, needs_key=False, images_in=True),
             # The key webhooks are signed with, as fal publishes its own: receivers fetch it without a key.
             Endpoint("jwks", "/.well-known/jwks.json", get, needs_key=False),
         ]

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from serve_app.config import QueueConfig
 from serve_app.contract.errors import (
     Cancelled,
+    GenerationFailed,
     JobLost,
     Overloaded,
     QueueUnavailable,
@@ -71,6 +72,9 @@ SWEEP_EVERY_S = 60.0
 PREVIEW_POLL_S = 0.25  # how soon a viewer sees a preview written by another job-queue replica
 OUTPUTS_SWEEP_EVERY_S = 300.0  # objects expire by the minute; their URLs 404 on expiry whatever the sweep
 WEBHOOK_POLL_S = 0.5
+INPUTS_KEEP_S = 24 * 3600.0  # a queued job's input images wait this long for it to run
+INPUT_NAMES = ("image", "mask")
+INPUT_READ_TRIES = 3
 
 T = TypeVar("T")
 
@@ -196,10 +200,12 @@ class JobDispatcher:
         """Queue a job. Raises `QueueFull`/`Overloaded` (503) when the queue or the store is full, and
         `QueueUnavailable` (503) when the store does not answer within `store_wait_s`: never for a job
         that was stored (a submit the store took is retried with its id, which answers the same)."""
+        inputs = {name: data for name in INPUT_NAMES if (data := getattr(request, name)) is not None}
         record = JobRecord(
             app_id=self._app_id,
             owner=owner,
-            request=request.model_dump(),
+            request=request.model_dump(exclude=set(INPUT_NAMES)),
+            input_keys=await self._store_inputs(inputs),
             webhook_url=webhook_url,
             priority=priority,
             logs=[LogEntry.now("Queued")],
@@ -224,6 +230,38 @@ class JobDispatcher:
         self._poke_feed()
         self._wake.set()
         return Submitted(snapshot=JobSnapshot.of(record), position=position)
+
+    async def _store_inputs(self, inputs: dict[str, bytes]) -> dict[str, str]:
+        """Input images to the object store (Redis keeps only their keys); their keys by name."""
+        if not inputs:
+            return {}
+        token = self._outputs.new_token(INPUTS_KEEP_S)
+        keys = {name: f"{token}/{index}.bin" for index, name in enumerate(inputs)}
+        try:
+            for name, data in inputs.items():
+                await self._outputs.put_at(keys[name], data, "application/octet-stream")
+        except Exception as error:  # noqa: BLE001 - the object store's errors vary by backend
+            logger.warning("Storing a submit's input images failed: %r", error)
+            raise QueueUnavailable(retry_after_s=5) from error
+        return keys
+
+    async def _with_inputs(self, request: ResolvedRequest, keys: dict[str, str]) -> ResolvedRequest:
+        """The request with its input images read back from the object store (tried again while it fails)."""
+        images: dict[str, bytes] = {}
+        for name, key in keys.items():
+            for attempt in range(INPUT_READ_TRIES):
+                try:
+                    found = await self._outputs.get(key)
+                    break
+                except Exception as error:  # noqa: BLE001 - the store's own errors vary by backend
+                    logger.warning("Reading input %s failed (%r); attempt %d", key, error, attempt + 1)
+                    await asyncio.sleep(1.0)
+            else:
+                found = None
+            if found is None:
+                raise GenerationFailed("the job's input images could not be read back (expired, or the store failed)")
+            images[name] = found[0]
+        return request.model_copy(update=images)
 
     async def changes(self, epoch: str, since: int, queue_since: int, timeout_s: float) -> FeedChanges:
         """The feed the ingress replicas follow (a long poll): the store's changes since `since`, as soon
@@ -440,6 +478,10 @@ class JobDispatcher:
         except ValueError:
             logger.exception("Job %s has a request this version cannot run", run.request_id)
             return _Outcome(error=as_service_error(ValueError()))
+        try:
+            request = await self._with_inputs(request, run.claim.record.input_keys)
+        except GenerationFailed as error:
+            return _Outcome(error=error)
 
         async def on_preview(event: PreviewEvent) -> None:
             self._show_preview(run, event)

@@ -82,19 +82,45 @@ class OutputStore:
             return self._max_s
         return wanted if self._max_s is None else min(wanted, self._max_s)
 
-    async def put(self, keep_s: float | None, images: list[tuple[bytes, str]], presign: bool = True) -> list[str]:
-        """Store one result's images (bytes, content type); their URLs: `/files/...` paths the app serves,
-        or presigned URLs of the store where configured (and `presign`)."""
+    def new_token(self, keep_s: float | None, secret_prefix: str = "") -> str:
+        """A fresh `<expires_at>.<secret>` for files kept `keep_s` seconds (None: no end)."""
         expires_at = NEVER
         if keep_s is not None:
             grain = 1 if keep_s < SHORT_LIFE_S else EXPIRY_GRAIN_S
             expires_at = str(math.ceil((self._clock() + keep_s) / grain) * grain)
-        token = f"{expires_at}.{secrets.token_urlsafe(18)}"
+        return f"{expires_at}.{secret_prefix}{secrets.token_urlsafe(18)}"
+
+    async def put_at(self, key: str, data: bytes, content_type: str) -> None:
+        """Store one file at its URL key (`<token>/<name>`, see `new_token`)."""
+        path = _path(key)
+        if path is None:
+            raise ValueError(f"not a file key: {key!r}")
+        attributes = {"Content-Type": content_type} if not isinstance(self._store, LocalStore) else None
+        await obstore.put_async(self._store, path, data, attributes=attributes)
+
+    def is_live_key(self, key: str) -> bool:
+        """A well-formed file key whose expiry has not passed."""
+        path = _path(key)
+        return path is not None and not self._expired(path.split("/", 1)[0])
+
+    async def exists(self, key: str) -> bool:
+        path = _path(key)
+        if path is None:
+            return False
+        try:
+            await obstore.head_async(self._store, path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def put(self, keep_s: float | None, images: list[tuple[bytes, str]], presign: bool = True) -> list[str]:
+        """Store one result's images (bytes, content type); their URLs: `/files/...` paths the app serves,
+        or presigned URLs of the store where configured (and `presign`)."""
+        token = self.new_token(keep_s)
         keys = []
         for index, (data, content_type) in enumerate(images):
-            key = f"{token}/{index}.{content_type.split('/')[1]}"
-            attributes = {"Content-Type": content_type} if not isinstance(self._store, LocalStore) else None
-            await obstore.put_async(self._store, _path(key), data, attributes=attributes)
+            key = f"{token}/{index}.{extension(content_type)}"
+            await self.put_at(key, data, content_type)
             keys.append(key)
         if not (self._presign and presign):
             return [f"/files/{key}" for key in keys]
@@ -128,6 +154,11 @@ class OutputStore:
 
     def _expired(self, expires_at: str) -> bool:
         return expires_at != NEVER and (not expires_at.isdigit() or int(expires_at) <= self._clock())
+
+
+def extension(content_type: str) -> str:
+    """A file name's extension for a content type this store serves (`image/png` -> `png`)."""
+    return content_type.split("/")[1]
 
 
 def parse_lifecycle(header: str | None) -> KeepFor:

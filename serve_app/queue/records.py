@@ -48,6 +48,10 @@ class JobRecord(BaseModel):
         default=None, description="Seconds its images are kept (X-Fal-Object-Lifecycle-Preference); None: no end."
     )
     cancel_requested: bool = False
+    input_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="Its input images (`image`, `mask`) in the object store: never in the record itself.",
+    )
 
 
 def cancelled_error() -> ErrorBody:

@@ -1,0 +1,1 @@
+"""Image inputs: where a request's images come from, and how they are checked."""
