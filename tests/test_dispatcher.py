@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import time
 from collections.abc import Awaitable, Callable
 
 import fakeredis
 import pytest
+from PIL import Image
 
 from deployments.engine import SDXLEngine
 from deployments.in_process import InProcessGenerationClient
-from serve_app.config import QueueConfig
+from serve_app.config import AppConfig, QueueConfig
 from serve_app.contract.errors import QueueUnavailable, ReplicaFailed
 from serve_app.contract.events import RunMode
-from serve_app.contract.requests import ResolvedRequest
+from serve_app.contract.requests import ImageToImageRequest, ResolvedRequest
 from serve_app.generation.client import GenerationCall
 from serve_app.queue.dispatcher import DISPATCH_AHEAD, JobDispatcher
 from serve_app.queue.outputs import OutputStore
@@ -109,6 +111,36 @@ def test_a_job_runs_to_completion_with_fals_logs_and_its_images_stored(engine: S
     assert record.error is None and record.result["seed"] == 11 and record.attempts == 1
     assert record.request_id not in record.result["images"][0]["url"]  # a token of its own
     assert image is not None and image[1] == "image/jpeg" and image[0][:2] == b"\xff\xd8"
+
+
+def test_an_image_jobs_input_lives_in_the_object_store_never_in_the_store(engine: SDXLEngine) -> None:
+    """Redis keeps job state, not image bytes: an image-to-image job's input goes to the object store at
+    submit, by key, and is read back when the job runs (the steps logged are the ones really run)."""
+    image = io.BytesIO()
+    Image.new("RGB", (160, 128), (10, 200, 30)).save(image, format="PNG")
+    body = ImageToImageRequest(prompt="a fox", image_url="-", num_inference_steps=4, strength=0.5, seed=2)
+    request = AppConfig().request_policy().resolve(body, (160, 128), image=image.getvalue())
+
+    async def scenario() -> tuple[JobRecord, bytes]:
+        server = fakeredis.FakeServer()
+        store = JobStore.in_memory(server)
+        jobs = dispatcher(store, InProcessGenerationClient(engine))
+        await jobs.start()
+        try:
+            submitted = await jobs.submit(request, webhook_url=None, owner=OWNER)
+            record = await completed(store, submitted.snapshot.request_id)
+            redis = fakeredis.FakeRedis(server=server)  # everything Redis holds, as bytes
+            hashes = [key for key in redis.scan_iter() if redis.type(key) == b"hash"]
+            dump = b"".join(value for key in hashes for value in redis.hgetall(key).values())
+            return record, dump
+        finally:
+            await jobs.close()
+
+    record, stored = run(scenario)
+    assert record.error is None and record.result["images"][0]["width"] == 160
+    assert "step 2/2" in [log.message for log in record.logs]  # 0.5 x 4 steps
+    assert set(record.input_keys) == {"image"} and "image" not in record.request
+    assert image.getvalue()[:64] not in stored and base64.b64encode(image.getvalue())[:64] not in stored
 
 
 def test_a_failed_generation_completes_the_job_with_its_error(engine: SDXLEngine) -> None:

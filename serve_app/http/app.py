@@ -32,6 +32,7 @@ from serve_app.http.middleware import (
     RequireApiKey,
     SecurityHeaders,
     request_owner,
+    route_path,
 )
 from serve_app.http.queue_api import QueueApi, start_timeout_s
 from serve_app.http.relay import GenerationRelay
@@ -112,7 +113,11 @@ def build_http_app(
         return await queue_api.submit(policy.resolve(body), request, fal_webhook)
 
     def caller(request: Request) -> Caller:
-        return Caller(owner=request_owner(keys, request.headers), host=request.headers.get("host", ""))
+        return Caller(
+            owner=request_owner(keys, request.headers),
+            host=request.headers.get("host", ""),
+            root_path=request.scope.get("root_path", ""),
+        )
 
     def image_task_handlers(model: type[ImageToImageRequest]) -> dict[str, Handler]:
         """Run, stream and submit for one image task: its images loaded and checked, then as text to image."""
@@ -217,7 +222,7 @@ def build_http_app(
     # body is read (bounded in size and time) last, just before the routes.
 
     def body_limits(scope: dict) -> tuple[int, float]:
-        if routes.takes_images(scope.get("method", ""), scope.get("path", "")):
+        if scope["type"] == "http" and routes.takes_images(scope["method"], route_path(scope)):
             return config.inputs.max_body_bytes, config.inputs.body_timeout_s
         return MAX_BODY_BYTES, BODY_TIMEOUT_S
 

@@ -111,14 +111,14 @@ class RequireApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = (
-            scope["type"] == "http" and self.keys.enabled and self.routes.needs_key(scope["method"], _route_path(scope))
+            scope["type"] == "http" and self.keys.enabled and self.routes.needs_key(scope["method"], route_path(scope))
         )
         if guarded and not self.keys.accepts(Headers(scope=scope).get("authorization")):
             return await error_response(Unauthorized())(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path below the app's route prefix (Starlette keeps `root_path` in `path`)."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
@@ -251,7 +251,7 @@ class ClientPollLimit:
         self._swept_at = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.routes.is_poll(scope["method"], _route_path(scope)):
+        if scope["type"] != "http" or not self.routes.is_poll(scope["method"], route_path(scope)):
             return await self.app(scope, receive, send)
         client = client_identity(scope, self.keys, self.address_header)
         now = time.monotonic()
@@ -300,7 +300,7 @@ class ClientConcurrencyLimit:
         return client_identity(scope, self.keys, self.address_header)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.routes.counts_as_generation(scope["method"], _route_path(scope)):
+        if scope["type"] != "http" or not self.routes.counts_as_generation(scope["method"], route_path(scope)):
             return await self.app(scope, receive, send)
         client = self.client(scope)
         if self.ledger.in_flight(client) >= self.limit:

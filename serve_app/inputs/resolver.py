@@ -28,11 +28,12 @@ FILES_PREFIX = "/files/"
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent the request, as the HTTP side knows it: whose uploads it may use, and the host it called
-    (a URL on that host is one of ours)."""
+    """Who sent the request, as the HTTP side knows it: whose uploads it may use, and the host and path
+    prefix it called the app at (a `/files/...` URL there is one of ours)."""
 
     owner: str
     host: str
+    root_path: str = ""
 
 
 class ImageInputs:
@@ -65,8 +66,9 @@ class ImageInputs:
             return self._data_uri(url, field)
         parts = urlsplit(url)
         ours = not parts.scheme and not parts.netloc or parts.netloc.lower() == caller.host.lower()
-        if ours and parts.path.startswith(FILES_PREFIX):
-            return await self._own_file(unquote(parts.path[len(FILES_PREFIX) :]), field, caller)
+        files_prefix = caller.root_path.rstrip("/") + FILES_PREFIX
+        if ours and parts.path.startswith(files_prefix):
+            return await self._own_file(unquote(parts.path[len(files_prefix) :]), field, caller)
         if parts.scheme.lower() not in ("http", "https"):
             message = f"{field} must be a data URI or an http(s) URL"
             raise input_error(field, "file_download_error", message)

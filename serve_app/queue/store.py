@@ -521,6 +521,7 @@ def _record_fields(record: JobRecord) -> dict[str, str]:
             "webhook_url": record.webhook_url,
             "base_url": record.base_url,
             "keep_files_s": record.keep_files_s,
+            "input_keys": record.input_keys or None,
         }
     )
 
@@ -552,6 +553,7 @@ def _record_from(raw: dict[bytes, bytes], logs: list[bytes]) -> JobRecord:
         base_url=fields.get("base_url"),
         keep_files_s=number("keep_files_s"),
         cancel_requested=fields.get("cancel_requested") == "1",
+        input_keys=json.loads(fields["input_keys"]) if "input_keys" in fields else {},
     )
 
 

@@ -278,6 +278,26 @@ def test_fal_client_run(tls_service: dict) -> None:
     assert decode_image(result["images"][0]).size == (256, 256)
 
 
+IMAGE_TO_IMAGE = """
+import fal_client, json
+from PIL import Image
+image_url = fal_client.encode_image(Image.radial_gradient("L").convert("RGB").resize((320, 256)), format="png")
+result = fal_client.subscribe("local/sdxl/image-to-image", arguments={**ARGS, "image_url": image_url, "strength": 0.5})
+ran = fal_client.run("local/sdxl/image-to-image", arguments={**ARGS, "image_url": image_url, "strength": 0.5})
+print(json.dumps({"result": result, "ran": ran}))
+"""
+
+
+def test_fal_client_image_to_image_with_an_encoded_image(tls_service: dict) -> None:
+    """fal's way for Python: `encode_image` makes a data URI, then `subscribe` (and `run`) on the
+    endpoint's subpath; status, result and cancel stay under the app id, as fal_client builds them."""
+    arguments = {"prompt": "a red fox", "num_inference_steps": 8, "seed": 3}  # no size: the input's
+    out = run_fal_client(tls_service, IMAGE_TO_IMAGE.replace("ARGS", repr(arguments)))
+    assert out["result"]["seed"] == 3
+    assert fetch_image(tls_service, out["result"]["images"][0]["url"]).size == (320, 256)  # the input's size
+    assert decode_image(out["ran"]["images"][0]).size == (320, 256)
+
+
 # --- JavaScript @fal-ai/client, unmodified ------------------------------------------------------
 
 

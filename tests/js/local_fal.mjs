@@ -1,5 +1,6 @@
-// The README's one requestMiddleware: fal's two hosts mapped onto the service at `baseUrl`, the queue
-// under /queue/ and runs and streams at the root, so every fal.* call stays as it is written for fal.
+// The README's one requestMiddleware: fal's three hosts mapped onto the service at `baseUrl`, the queue
+// under /queue/, runs and streams at the root, and uploads (fal.storage) at the root too, so every fal.*
+// call stays as it is written for fal.
 import { fal } from "@fal-ai/client";
 
 export function useService(baseUrl) {
@@ -9,7 +10,8 @@ export function useService(baseUrl) {
       ...request,
       url: request.url
         .replace(/^https:\/\/queue\.fal\.run\//, `${baseUrl}/queue/`)
-        .replace(/^https:\/\/fal\.run\//, `${baseUrl}/`),
+        .replace(/^https:\/\/fal\.run\//, `${baseUrl}/`)
+        .replace(/^https:\/\/rest\.fal\.ai\//, `${baseUrl}/`),
     }),
   });
   return fal;
