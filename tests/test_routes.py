@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 
 from serve_app.config import AppConfig
 from serve_app.http.app import build_http_app
+from serve_app.http.edge import IMAGE_ROUTE
 from serve_app.http.queue_api import QueueApi
 from serve_app.http.routes import Endpoint, route_table
 
@@ -36,6 +37,23 @@ def nginx_status_location() -> re.Pattern:
 @pytest.mark.parametrize("endpoint", TABLE.endpoints, ids=lambda endpoint: f"{endpoint.name} {endpoint.path}")
 def test_the_front_proxy_sends_exactly_the_status_port_endpoints_there(endpoint: Endpoint) -> None:
     assert bool(nginx_status_location().match(example_path(endpoint))) == endpoint.status_port
+
+
+def nginx_image_location() -> re.Pattern:
+    """The front proxy's location with the larger body limit."""
+    conf = (REPO / "configs" / "nginx-front-proxy.conf").read_text()
+    blocks = re.split(r"\n\s*location ", conf)[1:]
+    (pattern,) = [block.split()[1] for block in blocks if block.startswith("~") and "client_max_body_size" in block]
+    return re.compile(pattern)
+
+
+@pytest.mark.parametrize("endpoint", TABLE.endpoints, ids=lambda endpoint: f"{endpoint.name} {endpoint.path}")
+def test_the_larger_body_limit_is_for_exactly_the_image_routes(endpoint: Endpoint) -> None:
+    """The route table says which routes take images; the front proxy's location and Serve's proxy (which
+    knows no app id: `IMAGE_ROUTE`) give exactly those the larger body limit."""
+    path = example_path(endpoint)
+    assert bool(nginx_image_location().search(path)) == endpoint.images_in
+    assert bool(IMAGE_ROUTE.fullmatch(path)) == endpoint.images_in
 
 
 def test_the_front_proxy_routes_them_for_any_app_id() -> None:
