@@ -16,7 +16,9 @@ a round (on a shared VM the same call varies by 15-35% from one minute to the ne
      (one torch thread per replica, so each has its own core; on CUDA one GPU per replica, so the
      2-replica row needs a host with two);
   6. a batch: `num_images: 4` in one `POST /` against four single requests back to back, images per
-     second on one replica (--batch-images N; 0 skips it).
+     second on one replica (--batch-images N; 0 skips it);
+  7. image to image in-process at strength 1 (the same steps as text to image), the input PNG checked
+     as the ingress checks it and encoded by the VAE: its per-step cost against (2) without previews.
 Prints a table and the ratios, and writes them to --out.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -40,12 +43,14 @@ from pathlib import Path
 import httpx
 import ray
 import torch
+from PIL import Image
 
 from deployments.engine import EngineConfig, SDXLEngine
 from deployments.models import LoadedModels
 from serve_app.config import AppConfig
 from serve_app.contract.events import RESULT_ONLY, STREAM
-from serve_app.contract.requests import GenerationRequest
+from serve_app.contract.requests import GenerationRequest, ImageToImageRequest
+from serve_app.inputs.images import check_image, fitted_size
 from tests.integration.harness import ServeHarness, free_port, load_config
 
 
@@ -113,6 +118,29 @@ def ours(engine: SDXLEngine, body: dict, interval: int) -> float:
         return time.perf_counter() - started
 
     return asyncio.run(run())
+
+
+def input_png(size: int) -> bytes:
+    """An input image for (7): a smooth gradient, as a photo compresses."""
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").convert("RGB").resize((size, size)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ours_image_to_image(engine: SDXLEngine, body: dict, png: bytes) -> float:
+    """(7): what an image-to-image request adds: the ingress's check of the input (a full decode), then the
+    engine's run, which encodes it with the VAE; strength 1 runs every step, as text to image does."""
+    started = time.perf_counter()
+    checked = check_image(png, "image_url", 64 * 2**20, 4096 * 4096)
+    fields = {**body, "image_url": "-", "strength": 1.0}
+    request = engine.config.policy.resolve(ImageToImageRequest(**fields), fitted_size(checked), image=checked.data)
+
+    async def run() -> None:
+        async for _ in engine.generate(request, RESULT_ONLY):
+            pass
+
+    asyncio.run(run())
+    return time.perf_counter() - started
 
 
 def post_result(url: str, body: dict) -> float:
@@ -237,6 +265,8 @@ SERVE = "Serve SSE end to end (3)"
 SERVE_RESULT = "Serve POST / end to end, no previews (3')"
 SERVE_ONE_PREVIEW = "Serve SSE end to end, one preview (3'')"
 REFERENCE = "reference pattern, uvicorn (4)"
+OURS = "ours in-process, no previews"
+IMAGE_TO_IMAGE = "ours image to image, strength 1, no previews (7)"
 SETTLE_S = 1.0  # before each measurement: the previous one's trailing work (logs, metrics) ends first
 
 
@@ -306,9 +336,11 @@ def main() -> None:
     )
     reference, reference_url = start_reference(args, device)
 
+    png = input_png(args.size)
     variants = {
         BARE: lambda: bare(models, body),
-        "ours in-process, no previews": lambda: ours(engine, body, 0),
+        OURS: lambda: ours(engine, body, 0),
+        IMAGE_TO_IMAGE: lambda: ours_image_to_image(engine, body, png),
         EVERY_5: lambda: ours(engine, body, 5),
         EVERY_STEP: lambda: ours(engine, body, 1),
         SERVE: lambda: over_http(f"{base}/stream", body),
@@ -345,6 +377,7 @@ def main() -> None:
         "(3) Serve SSE / (4) reference": ratio(rounds, SERVE, REFERENCE),
         "(3) Serve SSE / (3') POST / with the same body": ratio(rounds, SERVE, SERVE_RESULT),
         "(3'') one preview / (3') POST /": ratio(rounds, SERVE_ONE_PREVIEW, SERVE_RESULT),
+        "(7) image to image / (2) no previews, same steps": ratio(rounds, IMAGE_TO_IMAGE, OURS),
         "time to first event (3) - one step, ms": first_event_over_step(rounds, SERVE),
         "time to first event (4) - one step, ms": first_event_over_step(rounds, REFERENCE),
         "(3) client total - replica's own total (transport), ms": (

@@ -34,6 +34,7 @@ def test_overhead_benchmark_reports_every_ratio(tmp_path: Path) -> None:
         r"\(3\) Serve SSE / \(4\) reference",
         r"\(3\) Serve SSE / \(3'\) POST / with the same body",
         r"\(3''\) one preview / \(3'\) POST /",
+        r"\(7\) image to image / \(2\) no previews, same steps",
         r"time to first event \(3\) - one step, ms",
         r"time to first event \(4\) - one step, ms",
     ):
