@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
 from tests.integration.harness import sdxl_stats
@@ -109,3 +112,138 @@ def test_errors_are_shown(page: Page) -> None:
     error = page.text_content("#error")
     assert "422 validation_error" in error and "prompt" in error and "non-whitespace" in error
     screenshot(page, "playground-error")
+
+
+# --- An input image: image to image and inpainting ------------------------------------------------
+
+INPUT_SIZE = (256, 192)  # not the text-to-image size the form holds (512 x 512): the output must take this one
+
+
+def input_png(tmp_path: Path, name: str = "input.png", size: tuple[int, int] = INPUT_SIZE) -> Path:
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    path = tmp_path / name
+    image.save(path)
+    return path
+
+
+def record_states(page: Page) -> None:
+    """Every `data-state` the page goes through, in `window.states`: a few quick steps can pass the
+    preview state before a selector wait would see it."""
+    page.evaluate(
+        """() => {
+            window.states = [];
+            new MutationObserver(() => window.states.push(document.body.dataset.state))
+                .observe(document.body, { attributes: true, attributeFilter: ["data-state"] });
+        }"""
+    )
+
+
+def final_image_size(page: Page) -> tuple[int, int]:
+    page.wait_for_selector("body[data-state=final]", timeout=60_000)
+    assert page.text_content("#error") == ""
+    page.wait_for_function(
+        "() => { const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0; }"
+    )
+    return tuple(page.eval_on_selector("#image", "img => [img.naturalWidth, img.naturalHeight]"))
+
+
+def paint_a_stroke(page: Page) -> None:
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
+    page.mouse.down()
+    for step in range(1, 6):
+        page.mouse.move(box["x"] + box["width"] * (0.3 + step * 0.08), box["y"] + box["height"] * 0.5)
+    page.mouse.up()
+
+
+def decode_data_uri(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+def test_an_input_image_streams_image_to_image_with_previews_at_its_size(page: Page, tmp_path: Path) -> None:
+    assert page.is_hidden("#strength") and page.get_attribute("body", "data-task") == "text-to-image"
+    errors: list[str] = []  # a CSP refusal (of a data: image, say) is logged as a console error
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.set_input_files("#image_file", input_png(tmp_path))
+    page.wait_for_selector("body[data-task=image-to-image]")
+    assert page.is_visible("#input_image") and page.is_visible("#strength")
+    assert page.input_value("#strength") == "0.95"
+    assert "256 x 192" in page.text_content("#image_info")
+    fill(page, prompt="a red fox", num_inference_steps="4", preview_interval="1", seed="11")
+    record_states(page)
+    with page.expect_request(lambda request: request.method == "POST") as sent:
+        page.click("#generate")
+    assert sent.value.url.endswith("/image-to-image/stream")
+    body = sent.value.post_data_json
+    assert body["image_url"].startswith("data:image/png;base64,") and body["strength"] == 0.95
+    assert decode_data_uri(body["image_url"]).size == INPUT_SIZE
+    assert not {"width", "height", "image_size", "mask_url"} & body.keys()  # the output takes the input's size
+
+    assert final_image_size(page) == INPUT_SIZE
+    assert "preview" in page.evaluate("window.states")
+    assert "seed 11" in page.text_content("#status")
+    assert errors == []
+    screenshot(page, "playground-image-to-image")
+
+
+def test_a_painted_mask_inpaints_and_clearing_goes_back_to_text_to_image(page: Page, tmp_path: Path) -> None:
+    page.set_input_files("#image_file", input_png(tmp_path))
+    page.wait_for_selector("body[data-task=image-to-image]")
+    assert page.is_disabled("#clear_mask")
+    paint_a_stroke(page)
+    page.wait_for_selector("body[data-task=inpainting]")
+    fill(page, prompt="a red fox", num_inference_steps="4", preview_interval="1", strength="0.75")
+    record_states(page)
+    with page.expect_request(lambda request: request.method == "POST") as sent:
+        page.click("#generate")
+    assert sent.value.url.endswith("/inpainting/stream")
+    body = sent.value.post_data_json
+    assert body["mask_url"].startswith("data:image/png;base64,") and body["strength"] == 0.75
+    mask = decode_data_uri(body["mask_url"]).convert("L")
+    assert mask.size == INPUT_SIZE  # the image's natural size, not the thumbnail's
+    assert mask.getextrema() == (0, 255)  # black kept, white painted
+    assert final_image_size(page) == INPUT_SIZE
+    assert "preview" in page.evaluate("window.states")
+    screenshot(page, "playground-inpainting")
+
+    page.click("#clear_mask")
+    page.wait_for_selector("body[data-task=image-to-image]")
+    assert "mask_url" not in page.evaluate("request()")
+    page.click("#clear_image")
+    page.wait_for_selector("body[data-task=text-to-image]")
+    assert page.is_hidden("#strength") and page.is_enabled("#width")
+    text = page.evaluate("request()")  # as before any image was chosen
+    assert text["width"] == 512 and text["height"] == 512
+    assert not {"image_url", "strength", "mask_url"} & text.keys()
+
+
+def test_a_dropped_image_and_a_mask_file_are_queued_as_inpainting(page: Page, tmp_path: Path) -> None:
+    dropped = base64.b64encode(input_png(tmp_path).read_bytes()).decode()
+    files = page.evaluate_handle(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            return transfer;
+        }""",
+        dropped,
+    )
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": files})
+    page.wait_for_selector("body[data-task=image-to-image]")
+    mask = Image.new("L", (64, 48))  # another size: stretched onto the image's
+    mask.paste(255, (0, 0, 32, 48))
+    mask.save(tmp_path / "mask.png")
+    page.set_input_files("#mask_file", tmp_path / "mask.png")
+    page.wait_for_selector("body[data-task=inpainting]")
+    fill(page, prompt="a red fox", num_inference_steps="4", preview_interval="1", seed="13")
+    app_id = page.get_attribute("body", "data-app-id")
+    with page.expect_request(lambda request: request.method == "POST") as sent:
+        page.click("#queue")
+    assert sent.value.url.endswith(f"/queue/{app_id}/inpainting")
+    sent_mask = decode_data_uri(sent.value.post_data_json["mask_url"]).convert("L")
+    assert sent_mask.size == INPUT_SIZE
+    assert sent_mask.getpixel((10, 96)) == 255 and sent_mask.getpixel((240, 96)) == 0
+
+    assert final_image_size(page) == INPUT_SIZE
+    assert "seed 13" in page.text_content("#status") and page.input_value("#watch_id")
+    assert page.get_attribute("#image", "src").startswith("http")  # a stored result's /files/ URL
