@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,8 +28,9 @@ from deployments.models import LoadedModels, load_models
 from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome, UnencodedFinal
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
 from deployments.previews import PreviewSchedule
+from deployments.tasks import task_arguments
 from serve_app.config import AppConfig, ModelConfig, PreviewConfig, RequestConfig
-from serve_app.contract.errors import ReplicaFailed
+from serve_app.contract.errors import GenerationFailed, ReplicaFailed
 from serve_app.contract.events import RunMode, StreamEvent
 from serve_app.contract.requests import GenerationRequest, RequestPolicy, ResolvedRequest
 
@@ -101,6 +103,7 @@ class SDXLEngine:
         outcome: RunOutcome | None = None
         unencoded: UnencodedFinal | None = None
         self._refuse_if_unusable()
+        task_inputs = await self._task_inputs(request)  # decoded and resized before the slot: no GPU waits
         async with self._slot:
             self._refuse_if_unusable()  # a run ahead of this one, waited for, may have killed the device
             run = GenerationRun(
@@ -113,6 +116,7 @@ class SDXLEngine:
                 progress=mode.progress,
                 on_first_preview=self._first_preview_timer(called),
                 probe=self._probe,
+                task_inputs=task_inputs,
             )
             self._run = run
             # In the caller's context: Serve's log lines from the pipeline thread then carry the request id.
@@ -138,7 +142,22 @@ class SDXLEngine:
             raise outcome.error
         if unencoded is not None:
             execute = contextvars.copy_context().run  # the encoder's log lines carry the request id too
-            yield await asyncio.wrap_future(self._encoder.submit(execute, unencoded.encode))
+            try:
+                final = await asyncio.wrap_future(self._encoder.submit(execute, unencoded.encode))
+            except Exception as error:
+                logger.exception("Encoding the final images failed")
+                raise GenerationFailed("the generation failed: encoding its images failed") from error
+            yield final
+
+    async def _task_inputs(self, request: ResolvedRequest) -> dict[str, Any]:
+        """The task's pipeline arguments, the input images decoded and resized on an encoder thread."""
+        if request.task == "text-to-image":
+            return task_arguments(request)
+        try:
+            return await asyncio.wrap_future(self._encoder.submit(task_arguments, request))
+        except Exception as error:  # checked at the ingress: only a bug or a replica out of memory gets here
+            logger.exception("Decoding the input images failed")
+            raise GenerationFailed("the generation failed: its input images could not be decoded") from error
 
     def _refuse_if_unusable(self) -> None:
         """Once the device is gone, every request fails at once as retryable: its caller (the relay, the

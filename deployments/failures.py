@@ -9,6 +9,7 @@ in many ways but fails every later call, a tiny synchronized computation include
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,7 @@ TORCH_OUT_OF_MEMORY: tuple[type[BaseException], ...] = tuple(
 OUT_OF_MEMORY_SIGNS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory", "CUDA out of memory")
 
 DeviceProbe = Callable[[], None]  # raises when the device can no longer compute
+PROBE_TIMEOUT_S = 10.0  # a tiny computation queued behind a failed run's kernels: longer means hung
 
 
 def device_probe(device: torch.device) -> DeviceProbe | None:
@@ -30,9 +32,18 @@ def device_probe(device: torch.device) -> DeviceProbe | None:
         return None
 
     def probe() -> None:
-        torch.cuda.synchronize(device)  # a sticky error from any earlier kernel surfaces here
+        # Queued behind whatever the failed run left on the stream; polled, never waited on without a bound:
+        # a hung device must fail the probe, not hang the thread that runs it. A sticky error from an earlier
+        # kernel surfaces in `query`.
         total = torch.ones(64, device=device).sum()
-        if total.item() != 64:  # `.item()` synchronizes again, after a kernel of our own
+        done = torch.cuda.Event()
+        done.record()
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        while not done.query():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the device did not finish a tiny computation within {PROBE_TIMEOUT_S:g} s")
+            time.sleep(0.005)
+        if total.item() != 64:
             raise RuntimeError(f"the device computed 64 ones as {total.item()}")
 
     return probe

@@ -109,9 +109,12 @@ class GenerationRun:
         on_event: EventSink | None = None,
         on_first_preview: Callable[[], None] | None = None,
         probe: DeviceProbe | None = None,
+        task_inputs: dict[str, Any] | None = None,
     ) -> None:
         """`probe` (a GPU's `deployments.failures.device_probe`) decides, after a failure, whether the device
-        survived it; it is called on the pipeline thread, the one that drives the device."""
+        survived it; it is called on the pipeline thread, the one that drives the device. `task_inputs`:
+        the task's pipeline arguments made beforehand (`deployments.tasks.task_arguments`, off the slot);
+        made here when not given."""
         self._models = models
         self._previews = previews
         self._request = request
@@ -123,6 +126,7 @@ class GenerationRun:
         self._on_event = on_event or _threadsafe_put(asyncio.get_running_loop(), self._events)
         self._cancelled = threading.Event()
         self._probe = probe
+        self._task_inputs = task_inputs
         self._preview_error: BaseException | None = None  # as the preview worker reported it, unclassified
         self._preview_failure: ServiceError | None = None
         self._deadline = float("inf")
@@ -199,7 +203,7 @@ class GenerationRun:
                     generator=generators,
                     output_type="pt",  # checked for NaNs before it becomes an image
                     callback_on_step_end=self._on_step_end,
-                    **task_arguments(request),
+                    **(self._task_inputs if self._task_inputs is not None else task_arguments(request)),
                 )
             images = output.images
             if not torch.isfinite(images).all():

@@ -68,7 +68,7 @@ def latents_to_pixels(decoder: torch.nn.Module, latents: torch.Tensor, max_size:
 def final_pixels(images: torch.Tensor) -> torch.Tensor:
     """The pipeline's images ([N, 3, H, W] in [0, 1]) as 8-bit, on their device: converted once there, and
     rounded as diffusers' `numpy_to_pil` rounds, so a quarter of the bytes cross to the host."""
-    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)  # in float32, as diffusers rounds
 
 
 def pixels_to_image(pixels: torch.Tensor, max_size: int) -> Image.Image:

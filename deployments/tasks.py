@@ -49,7 +49,11 @@ def input_image(data: bytes | None, size: tuple[int, int], mode: str) -> Image.I
     if data is None:
         raise ValueError("an image task without its image")  # the ingress always attaches it
     with Image.open(io.BytesIO(data)) as opened:
-        image = ImageOps.exif_transpose(opened).convert(mode)
+        try:
+            upright = ImageOps.exif_transpose(opened)
+        except Exception:  # noqa: BLE001 - an unreadable EXIF block: the image as stored, as the ingress sized it
+            upright = opened
+        image = upright.convert(mode)
     if image.size != size:
         resample = Image.Resampling.LANCZOS if mode == "RGB" else Image.Resampling.BILINEAR
         image = image.resize(size, resample)

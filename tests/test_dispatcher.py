@@ -115,20 +115,27 @@ def test_a_job_runs_to_completion_with_fals_logs_and_its_images_stored(engine: S
 
 def test_an_image_jobs_input_lives_in_the_object_store_never_in_the_store(engine: SDXLEngine) -> None:
     """Redis keeps job state, not image bytes: an image-to-image job's input goes to the object store at
-    submit, by key, and is read back when the job runs (the steps logged are the ones really run)."""
+    submit, by key, is read back when the job runs (the steps logged are the ones really run), and is
+    deleted once the job completed."""
     image = io.BytesIO()
     Image.new("RGB", (160, 128), (10, 200, 30)).save(image, format="PNG")
     body = ImageToImageRequest(prompt="a fox", image_url="-", num_inference_steps=4, strength=0.5, seed=2)
     request = AppConfig().request_policy().resolve(body, (160, 128), image=image.getvalue())
 
     async def scenario() -> tuple[JobRecord, bytes]:
-        server = fakeredis.FakeServer()
+        server, outputs = fakeredis.FakeServer(), OutputStore.in_memory()
         store = JobStore.in_memory(server)
-        jobs = dispatcher(store, InProcessGenerationClient(engine))
+        jobs = dispatcher(store, InProcessGenerationClient(engine), outputs=outputs)
         await jobs.start()
         try:
             submitted = await jobs.submit(request, webhook_url=None, owner=OWNER)
             record = await completed(store, submitted.snapshot.request_id)
+            for _ in range(100):  # deleted once the job completed: nothing will run it again
+                if await outputs.get(record.input_keys["image"]) is None:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the job's input image outlived it")
             redis = fakeredis.FakeRedis(server=server)  # everything Redis holds, as bytes
             hashes = [key for key in redis.scan_iter() if redis.type(key) == b"hash"]
             dump = b"".join(value for key in hashes for value in redis.hgetall(key).values())

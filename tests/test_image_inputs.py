@@ -8,6 +8,8 @@ import asyncio
 import base64
 import io
 import os
+import struct
+import zlib
 
 import pytest
 from fastapi.testclient import TestClient
@@ -85,6 +87,35 @@ def test_a_size_in_the_request_wins_and_large_inputs_are_scaled_to_fit(service) 
     large = encoded(Image.new("RGB", (3000, 1000)))
     answer = client.post("/image-to-image", json={"prompt": "a fox", "image_url": data_uri(large)}).json()
     assert (answer["width"], answer["height"]) == (2048, 680)  # 2048 px at most a side, multiples of 8
+
+
+def test_one_side_sent_keeps_the_inputs_aspect_and_a_sent_size_needs_no_large_input(service) -> None:
+    client, relay, _ = service
+    one_side = client.post("/image-to-image", json={"prompt": "a fox", "image_url": data_uri(PHOTO), "width": 1024})
+    assert (one_side.json()["width"], one_side.json()["height"]) == (1024, 768)  # 640x480's aspect
+    tiny = data_uri(encoded(Image.new("RGB", (64, 64))))
+    sized = {"prompt": "a fox", "image_url": tiny, "image_size": "square"}
+    assert client.post("/image-to-image", json=sized).json()["width"] == 512  # upscaled to what was asked
+
+
+def test_a_phone_jpeg_an_unreadable_exif_and_a_huge_data_uri_header(service) -> None:
+    """A multi-picture JPEG (what phones write: Pillow calls it MPO) is a JPEG; an unreadable EXIF block is
+    no orientation, not a 500; a data URI's header is looked for only in its first characters."""
+    client, relay, _ = service
+    frames = [Image.new("RGB", (300, 200), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    phone = client.post(
+        "/image-to-image", json={"prompt": "a fox", "image_url": data_uri(buffer.getvalue(), "image/jpeg")}
+    )
+    assert phone.status_code == 200, phone.text
+    bad_exif_chunk = struct.pack(">I", 8) + b"eXIf" + b"garbage!" + struct.pack(">I", zlib.crc32(b"eXIfgarbage!"))
+    bad_exif = PHOTO[:-12] + bad_exif_chunk + PHOTO[-12:]
+    assert client.post("/image-to-image", json={"prompt": "a fox", "image_url": data_uri(bad_exif)}).status_code == 200
+    endless_header = "data:image/png" + ";a" * 200_000 + ";base64,AAAA"
+    refused = client.post("/image-to-image", json={"prompt": "a fox", "image_url": endless_header})
+    assert field_error(refused)[:2] == (422, "image_load_error")
 
 
 def test_inpainting_takes_an_image_and_a_mask_of_another_size(service) -> None:
@@ -165,6 +196,10 @@ def test_fal_upload_protocol_then_the_file_as_input_by_its_owner_only(monkeypatc
         assert target["upload_url"].startswith("http://testserver/storage/upload/")
         assert client.put(target["upload_url"], content=PHOTO, headers={"content-type": "image/png"}).status_code == 200
         assert client.put(target["upload_url"], content=PHOTO).status_code == 404  # once only
+        # A URL nobody was given (here: one that would never expire) stores nothing.
+        expires_at = target["upload_url"].split("/storage/upload/")[1].split(".")[0]
+        forged = target["upload_url"].replace(f"/{expires_at}.", "/never.")
+        assert client.put(forged, content=PHOTO).status_code == 404
         body = {"prompt": "a fox", "image_url": target["file_url"]}
         assert client.post(f"/{APP_ID}/image-to-image", json=body, headers=key_a).json()["width"] == 640
         assert field_error(client.post(f"/{APP_ID}/image-to-image", json=body, headers=key_b)) == (

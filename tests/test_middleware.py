@@ -19,6 +19,7 @@ from serve_app.config import AppConfig
 from serve_app.http.app import build_http_app
 from serve_app.http.edge import (
     BodyGuard,
+    BodySlots,
     HeadSizeLimit,
     HostAllowList,
     _host_name,
@@ -251,6 +252,29 @@ def test_a_chunked_body_over_the_limit_is_413_not_a_parse_error() -> None:
     run_guard(BodyGuard(app, max_bytes=1000), [(b"transfer-encoding", b"chunked")], exchange)
     assert exchange.status == 413 and exchange.json["error_type"] == "request_too_large"
     assert not app.bodies
+
+
+def test_large_bodies_read_at_once_are_bounded_small_ones_are_not() -> None:
+    """An image route's body may be tens of MiB for a minute, read before any key is checked: past
+    `LARGE_BODIES_AT_ONCE` such reads per process the next is 503 `overloaded` at once, with Retry-After.
+    A small body on the same route (a URL input) never waits for that."""
+    slots = BodySlots(1)
+    slots.take()  # one large body already arriving
+    large_route = lambda scope: (50 * 2**20, 60.0)  # noqa: E731
+    app = EchoBody()
+    exchange = Exchange(chunk(b"x" * 100))
+    run_guard(
+        BodyGuard(app, limits_for=large_route, large_bodies=slots), [(b"transfer-encoding", b"chunked")], exchange
+    )
+    assert exchange.status == 503 and exchange.json["error_type"] == "overloaded"
+    assert exchange.headers["retry-after"] == "1" and exchange.received == 0
+    small = Exchange(chunk(b"x" * 100, more=False))
+    run_guard(BodyGuard(app, limits_for=large_route, large_bodies=slots), [(b"content-length", b"100")], small)
+    assert small.status == 200 and slots.used == 1
+    slots.give()
+    freed = Exchange(chunk(b"x" * 100, more=False))
+    run_guard(BodyGuard(app, limits_for=large_route, large_bodies=slots), [(b"transfer-encoding", b"chunked")], freed)
+    assert freed.status == 200 and slots.used == 0  # given back once read
 
 
 def test_a_stalled_body_is_408_at_the_deadline() -> None:

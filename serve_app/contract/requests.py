@@ -305,7 +305,8 @@ class RequestPolicy(BaseModel):
         neither has one); a 422 naming the field for a limit of this deployment's (`max_num_images`).
 
         An image task's size is `input_size` (the input image's, fitted to the service's sides) unless
-        the client sent one: the defaults' size does not apply. `images` are its checked `image`/`mask`."""
+        the client sent one (one side sent: the other keeps the input's aspect); the defaults' size does
+        not apply. `images` are its checked `image`/`mask`."""
         sent = request.model_fields_set
         fields = {name: getattr(request, name) for name in RUN_FIELDS}
         defaults = {name: value for name, value in self.defaults.items() if name not in sent and name in fields}
@@ -313,6 +314,8 @@ class RequestPolicy(BaseModel):
             defaults = {name: value for name, value in defaults.items() if name not in SIZE_FIELDS}
             if not SIZE_FIELDS & sent:
                 fields["width"], fields["height"] = input_size
+            elif SIZE_FIELDS & sent != SIZE_FIELDS:
+                fields["width"], fields["height"] = _other_side_by_aspect(fields, sent, input_size)
         fields.update(defaults)
         if isinstance(request, ImageToImageRequest):
             fields.update(task=request.task, strength=request.strength, **images)
@@ -341,6 +344,17 @@ class RequestPolicy(BaseModel):
         chosen_seed = request.seed if request.seed is not None else self.defaults.get("seed")
         fields["seed"] = chosen_seed if chosen_seed is not None else secrets.randbelow(RANDOM_SEEDS)
         return ResolvedRequest(**fields)
+
+
+def _other_side_by_aspect(fields: dict, sent: set[str], input_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) when a client sent one side of an image task's size: the other from the input's aspect,
+    a multiple of 8 within the service's sides."""
+    in_width, in_height = input_size
+    if "width" in sent:
+        height = round(fields["width"] * in_height / in_width / 8) * 8
+        return fields["width"], min(max(height, MIN_SIDE), MAX_SIDE)
+    width = round(fields["height"] * in_width / in_height / 8) * 8
+    return min(max(width, MIN_SIDE), MAX_SIDE), fields["height"]
 
 
 def image_size_pixels(image_size: ImageSizePreset | ImageSize) -> tuple[int, int]:

@@ -138,7 +138,7 @@ def build_http_app(
 
     async def upload_initiate(body: UploadInitiate, request: Request) -> UploadTarget:
         """fal's upload protocol, step one (`fal.storage.upload`): where to PUT an image, and its URL."""
-        return uploads.initiate(body, caller(request).owner, str(request.base_url))
+        return await uploads.initiate(body, caller(request).owner, str(request.base_url))
 
     async def upload_put(token: str, name: str, request: Request) -> Response:
         """fal's upload protocol, step two: the image's bytes, once, before the upload expires."""

@@ -32,13 +32,23 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import IMAGE_BODY_CEILING_BYTES, IMAGE_BODY_TIMEOUT_CEILING_S
-from serve_app.contract.errors import HeadersTooLarge, HostNotAllowed, RequestTimeout, RequestTooLarge, ServiceError
+from serve_app.contract.errors import (
+    HeadersTooLarge,
+    HostNotAllowed,
+    Overloaded,
+    RequestTimeout,
+    RequestTooLarge,
+    ServiceError,
+)
 from serve_app.http.errors import error_response
 
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
 # Routes whose bodies carry images (image to image, inpainting, their queue submits, an upload's PUT), by path
 # alone: Serve's proxy knows no app id. The app holds them to `inputs.max_body_bytes` after it.
-IMAGE_ROUTE = re.compile(r"(.*/(image-to-image|inpainting)(/stream)?|/storage/upload/[^/]+/[^/]+)")
+IMAGE_ROUTE = re.compile(r".*/((image-to-image|inpainting)(/stream)?|storage/upload/[^/]+/[^/]+)")
+# Large bodies read at once per process (before any key is checked): each may hold tens of MiB for a
+# minute, so a few slow clients must not hold gigabytes. Past this, 503 `overloaded` at once.
+LARGE_BODIES_AT_ONCE = 8
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers: nginx's default total (4 x 8 KiB buffers)
 BODY_TIMEOUT_S = 10.0  # from the request head to the body's last byte
 
@@ -157,10 +167,12 @@ class BodyGuard:
         timeout_s: float = BODY_TIMEOUT_S,
         stop_on_disconnect: bool = False,
         limits_for: Callable[[Scope], tuple[int, float]] | None = None,
+        large_bodies: BodySlots | None = None,
     ) -> None:
         self.app = app
         self.limits_for = limits_for or (lambda scope: (max_bytes, timeout_s))
         self.stop_on_disconnect = stop_on_disconnect
+        self.large_bodies = large_bodies or LARGE_BODY_SLOTS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -172,6 +184,10 @@ class BodyGuard:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             return await reject(_too_large(max_bytes), scope, receive, send)
+        large = max_bytes > MAX_BODY_BYTES and not (declared.isdigit() and int(declared) <= MAX_BODY_BYTES)
+        if large and not self.large_bodies.take():
+            error = Overloaded("too many large request bodies are arriving at once; retry shortly", retry_after_s=1)
+            return await reject(error, scope, receive, send)
         try:
             with anyio.fail_after(timeout_s):
                 body = await self._read(receive, max_bytes)
@@ -182,6 +198,9 @@ class BodyGuard:
             return await reject(error, scope, receive, send)
         except _ClientGone:
             return None
+        finally:
+            if large:
+                self.large_bodies.give()
         await self._run(scope, body, receive, send)
 
     async def _read(self, receive: Receive, max_bytes: int) -> bytes:
@@ -220,6 +239,26 @@ class BodyGuard:
         gone.set()
         if self.stop_on_disconnect:
             app_scope.cancel()
+
+
+class BodySlots:
+    """How many large bodies a process reads at once (one event loop: no lock needed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+
+LARGE_BODY_SLOTS = BodySlots(LARGE_BODIES_AT_ONCE)
 
 
 def _too_large(max_bytes: int) -> RequestTooLarge:

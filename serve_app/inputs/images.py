@@ -7,6 +7,7 @@ at the field's `loc`."""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -15,7 +16,9 @@ from PIL import Image, UnidentifiedImageError
 from serve_app.contract.errors import ValidationFailed
 from serve_app.contract.requests import MAX_SIDE, MIN_SIDE
 
-FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# MPO: the multi-picture JPEG most phones and many cameras write; its first picture is a plain JPEG.
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error)
 ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 EXIF_ORIENTATION = 0x0112
 SIDE_STEP = 8  # SDXL's sizes are multiples of 8
@@ -46,7 +49,7 @@ def check_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Che
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise input_error(field, "image_too_large", "the image has too many pixels", max_pixels=max_pixels) from error
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, *DECODE_ERRORS) as error:
         raise input_error(field, "image_load_error", "the file is not an image this service can read") from error
     with image:
         if image.format not in FORMATS:
@@ -58,11 +61,20 @@ def check_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Che
             raise input_error(field, "image_too_large", message, max_pixels=max_pixels)
         try:
             image.load()  # the whole file decodes (a truncated one fails here)
-        except (OSError, ValueError, SyntaxError) as error:
+        except DECODE_ERRORS as error:
             raise input_error(field, "image_load_error", "the image is damaged or truncated") from error
-        if image.getexif().get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
+        if exif_orientation(image) in ROTATED_ORIENTATIONS:
             width, height = height, width
         return CheckedImage(data, FORMATS[image.format], width, height)
+
+
+def exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation, or None when there is none or the EXIF block cannot be read (the image is
+    then taken as it is stored, as the model replica takes it)."""
+    try:
+        return image.getexif().get(EXIF_ORIENTATION)
+    except DECODE_ERRORS:
+        return None
 
 
 def fitted_size(image: CheckedImage, field: str = "image_url") -> tuple[int, int]:

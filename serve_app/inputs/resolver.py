@@ -16,13 +16,21 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from serve_app.config import InputConfig
-from serve_app.contract.requests import ImageToImageRequest, InpaintingRequest, RequestPolicy, ResolvedRequest
+from serve_app.contract.requests import (
+    SIZE_FIELDS,
+    ImageToImageRequest,
+    InpaintingRequest,
+    RequestPolicy,
+    ResolvedRequest,
+)
 from serve_app.inputs.fetch import FetchPolicy, FetchRefused, fetch_url
 from serve_app.inputs.images import CheckedImage, check_image, fitted_size, input_error
 from serve_app.inputs.uploads import owner_tag, upload_owner_tag
 from serve_app.queue.outputs import OutputStore
 
 DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
+MAX_URL_CHARS = 8192  # an http(s) URL; data URIs are bounded by the body limit
+DATA_URI_HEADER_CHARS = 256  # the header is matched within this prefix: never a regex over megabytes
 FILES_PREFIX = "/files/"
 
 
@@ -54,16 +62,21 @@ class ImageInputs:
             loads.append(self.load(body.mask_url, "mask_url", caller))
         image, *mask = await asyncio.gather(*loads)
         images = {"image": image.data, **({"mask": mask[0].data} if mask else {})}
-        return policy.resolve(body, fitted_size(image), **images)
+        # The input's size when the request names none (fitted to the service's sides); its aspect otherwise.
+        named = SIZE_FIELDS & body.model_fields_set
+        size = fitted_size(image) if not named else (image.width, image.height)
+        return policy.resolve(body, size, **images)
 
     async def load(self, url: str, field: str, caller: Caller) -> CheckedImage:
-        data = await self._bytes(url, field, caller)
         limits = (self._config.max_image_bytes, self._config.max_image_pixels)
+        if url[:5].lower() == "data:":  # decoded and checked on a thread: tens of megabytes of base64
+            return await asyncio.to_thread(lambda: check_image(self._data_uri(url, field), field, *limits))
+        data = await self._bytes(url, field, caller)
         return await asyncio.to_thread(check_image, data, field, *limits)
 
     async def _bytes(self, url: str, field: str, caller: Caller) -> bytes:
-        if url[:5].lower() == "data:":
-            return self._data_uri(url, field)
+        if len(url) > MAX_URL_CHARS:
+            raise input_error(field, "file_download_error", f"{field} is longer than {MAX_URL_CHARS} characters")
         parts = urlsplit(url)
         ours = not parts.scheme and not parts.netloc or parts.netloc.lower() == caller.host.lower()
         files_prefix = caller.root_path.rstrip("/") + FILES_PREFIX
@@ -78,7 +91,7 @@ class ImageInputs:
             raise input_error(field, refused.kind, refused.message) from refused
 
     def _data_uri(self, url: str, field: str) -> bytes:
-        header = DATA_URI.match(url)
+        header = DATA_URI.match(url[:DATA_URI_HEADER_CHARS])
         if header is None:
             raise input_error(field, "image_load_error", "a data URI must be base64: data:image/png;base64,...")
         encoded = url[header.end() :]

@@ -6,7 +6,9 @@ client then `PUT`s the bytes to `upload_url` (an absolute URL of this service: t
 request without its middleware, and without a key, so the URL's unguessable token is the permission,
 as a presigned URL's is) and puts `file_url` in its input. Uploads live in the outputs' object store
 under keys that name their owner (`up-<owner tag><secret>`): only the key that uploaded a file may use
-it as an input, and it expires after `inputs.upload_expiration_s`.
+it as an input, and it expires after `inputs.upload_expiration_s`. `initiate` leaves an empty object at
+the key, and a `PUT` is taken only where one waits: a URL nobody was given (another expiry, another
+name) stores nothing, and every stored upload expires.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class Uploads:
         self._outputs = outputs
         self._config = config
 
-    def initiate(self, body: UploadInitiate, owner: str, base_url: str) -> UploadTarget:
-        """Where to send the bytes and the URL they will have; nothing is stored until they arrive."""
+    async def initiate(self, body: UploadInitiate, owner: str, base_url: str) -> UploadTarget:
+        """Where to send the bytes and the URL they will have; an empty object marks the upload as given."""
         content_type = body.content_type.split(";")[0].strip().lower()
         if content_type not in CONTENT_TYPES:
             message = f"uploads are images: content_type must be one of {sorted(CONTENT_TYPES)}"
@@ -67,6 +69,7 @@ class Uploads:
             )
         token = self._outputs.new_token(self._config.upload_expiration_s, UPLOAD_MARK + owner_tag(owner))
         key = f"{token}/0.{extension(content_type)}"
+        await self._outputs.put_at(key, b"", content_type)  # pending: the one key a PUT may fill
         base = base_url.rstrip("/")
         return UploadTarget(upload_url=f"{base}/storage/upload/{key}", file_url=f"{base}/files/{key}")
 
@@ -79,5 +82,5 @@ class Uploads:
         await self._outputs.put_at(key, data, checked.content_type)
 
     async def _fresh(self, key: str) -> bool:
-        """Not expired (the store's `get` judges by the key) and nothing stored there yet."""
-        return self._outputs.is_live_key(key) and not await self._outputs.exists(key)
+        """Given by `initiate` (its empty object is there), not expired, and not filled yet."""
+        return self._outputs.is_live_key(key) and await self._outputs.size(key) == 0

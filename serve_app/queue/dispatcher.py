@@ -224,9 +224,14 @@ class JobDispatcher:
             )
         except (StoreUnavailable, SubmitRefused) as error:
             self._spawn(self._withdraw(record.request_id))  # if the store took it after all, it never runs
+            self._spawn(self._drop_inputs(record.input_keys))
             raise QueueUnavailable(retry_after_s=self._config.store_wait_s) from error
         except StoreFull as error:
+            self._spawn(self._drop_inputs(record.input_keys))  # a refused submit leaves nothing behind
             raise Overloaded("the job store is full; retry later", retry_after_s=5) from error
+        except ServiceError:  # the queue is full, the owner's caps reached
+            self._spawn(self._drop_inputs(record.input_keys))
+            raise
         self._poke_feed()
         self._wake.set()
         return Submitted(snapshot=JobSnapshot.of(record), position=position)
@@ -244,6 +249,15 @@ class JobDispatcher:
             logger.warning("Storing a submit's input images failed: %r", error)
             raise QueueUnavailable(retry_after_s=5) from error
         return keys
+
+    async def _drop_inputs(self, keys: dict[str, str]) -> None:
+        """Delete a job's input images once nothing will run it (else they expire with `INPUTS_KEEP_S`)."""
+        if not keys:
+            return
+        try:
+            await self._outputs.delete(list(keys.values()))
+        except Exception as error:  # noqa: BLE001 - best effort: the sweep removes them on expiry
+            logger.warning("Deleting input images %s failed: %r", list(keys.values()), error)
 
     async def _with_inputs(self, request: ResolvedRequest, keys: dict[str, str]) -> ResolvedRequest:
         """The request with its input images read back from the object store (tried again while it fails)."""
@@ -654,6 +668,7 @@ class JobDispatcher:
             await self._store_call(lambda: self._store.restore(record))
             finished = "completed"
         if finished == "completed":
+            self._spawn(self._drop_inputs(run.claim.record.input_keys))  # never run again: its inputs can go
             error_type = error.error_type if error else ""
             self._metrics.job_finished(
                 "completed" if error is None else "cancelled" if error_type == "cancelled" else "failed", error_type

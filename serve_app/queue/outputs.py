@@ -103,15 +103,22 @@ class OutputStore:
         path = _path(key)
         return path is not None and not self._expired(path.split("/", 1)[0])
 
-    async def exists(self, key: str) -> bool:
+    async def size(self, key: str) -> int | None:
+        """The stored file's size in bytes; None when there is none."""
         path = _path(key)
         if path is None:
-            return False
+            return None
         try:
-            await obstore.head_async(self._store, path)
+            meta = await obstore.head_async(self._store, path)
         except FileNotFoundError:
-            return False
-        return True
+            return None
+        return int(meta["size"])
+
+    async def delete(self, keys: list[str]) -> None:
+        """Delete files by key (those already gone, or malformed, are skipped)."""
+        paths = [path for key in keys if (path := _path(key)) is not None]
+        if paths:
+            await obstore.delete_async(self._store, paths)
 
     async def put(self, keep_s: float | None, images: list[tuple[bytes, str]], presign: bool = True) -> list[str]:
         """Store one result's images (bytes, content type); their URLs: `/files/...` paths the app serves,
@@ -137,6 +144,8 @@ class OutputStore:
         except FileNotFoundError:
             return None
         data = bytes(await found.bytes_async())
+        if not data:
+            return None  # an upload given out whose bytes have not arrived
         return data, CONTENT_TYPES.get(path.rsplit(".", 1)[-1], "application/octet-stream")
 
     async def sweep(self) -> int:
