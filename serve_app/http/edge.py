@@ -40,6 +40,7 @@ from serve_app.contract.errors import (
     RequestTooLarge,
     ServiceError,
 )
+from serve_app.host_patterns import host_matches
 from serve_app.http.errors import error_response
 
 MAX_BODY_BYTES = 1024 * 1024  # a request is a few KiB of JSON; anything near this is a mistake or abuse
@@ -317,10 +318,7 @@ class HostAllowList:
             return True
         if not self.allowed:
             return not on_loopback
-        return any(
-            pattern == "*" or name == pattern or (pattern.startswith(".") and name.endswith(pattern))
-            for pattern in self.allowed
-        )
+        return host_matches(name, self.allowed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):

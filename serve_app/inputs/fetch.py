@@ -18,6 +18,8 @@ from urllib.parse import quote, urljoin, urlsplit
 import anyio
 import httpcore
 
+from serve_app.host_patterns import host_matches
+
 logger = logging.getLogger("ray.serve")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -70,14 +72,6 @@ def is_public_address(address: IPAddress) -> bool:
     )
 
 
-def host_allowed(host: str, allowed_hosts: list[str]) -> bool:
-    """`check_webhook_url`'s matching (exact name, or ".example.com" for its subdomains), plus "*" for any."""
-    return any(
-        allowed == "*" or host == allowed or (allowed.startswith(".") and host.endswith(allowed))
-        for allowed in allowed_hosts
-    )
-
-
 @dataclass(frozen=True)
 class _Target:
     """One URL to GET, checked against the policy: as given (to resolve a redirect's `Location` against), as
@@ -104,7 +98,7 @@ def _target(url: str, allowed_hosts: list[str], label: str) -> _Target:
     credentials = parts.username is not None or parts.password is not None
     if parts.scheme not in ("http", "https") or not host or port == 0 or credentials:
         raise refused
-    if not host_allowed(host, allowed_hosts):
+    if not host_matches(host, allowed_hosts):
         raise FetchRefused(
             "file_download_error", f"{label} host {host!r} is not in this service's `inputs.url_allowed_hosts`"
         )

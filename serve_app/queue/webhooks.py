@@ -16,6 +16,7 @@ import httpx
 
 from serve_app.contract.errors import WebhookNotAllowed
 from serve_app.contract.queue import WebhookPayload
+from serve_app.host_patterns import host_matches
 from serve_app.queue.records import JobRecord
 from serve_app.queue.signing import WebhookSigner
 
@@ -32,7 +33,7 @@ def check_webhook_url(url: str, allowed_hosts: list[str]) -> str:
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise WebhookNotAllowed("fal_webhook must be an http(s) URL with a host name and no credentials")
-    if not any(host == allowed or (allowed.startswith(".") and host.endswith(allowed)) for allowed in allowed_hosts):
+    if not host_matches(host, allowed_hosts, star_matches_any=False):
         raise WebhookNotAllowed(f"webhook host {host!r} is not in this service's `queue.webhook_allowed_hosts`")
     return url
 
