@@ -205,6 +205,7 @@ class SDXLEngine:
             timeout_s=math.inf,  # compiling may take minutes, past any request's deadline
             on_event=lambda event: None,
             probe=self._probe,
+            task_inputs=task_arguments(request),
         )
         outcome = self._pipeline_thread.submit(run.execute).result()
         if outcome.error is not None:

@@ -7,7 +7,7 @@ so does the optional safety checker (`safety_checker`: a hub id, a directory, or
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
@@ -43,12 +43,11 @@ class LoadedModels:
     device: torch.device
     dtype: torch.dtype
     safety_checker: SafetyChecker | None = None  # None: nothing is checked
-    image_to_image: StableDiffusionXLImg2ImgPipeline | None = None  # the text pipeline's modules, shared
-    inpainting: StableDiffusionXLInpaintPipeline | None = None
+    image_to_image: StableDiffusionXLImg2ImgPipeline = field(init=False)  # the text pipeline's modules, shared
+    inpainting: StableDiffusionXLInpaintPipeline = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.image_to_image is None or self.inpainting is None:
-            self.image_to_image, self.inpainting = image_pipelines(self.pipeline)
+        self.image_to_image, self.inpainting = image_pipelines(self.pipeline)
 
     def for_task(self, task: Task) -> DiffusionPipeline:
         return {"text-to-image": self.pipeline, "image-to-image": self.image_to_image, "inpainting": self.inpainting}[

@@ -38,7 +38,6 @@ from deployments.models import LoadedModels
 from deployments.preview_worker import PreviewRequest, PreviewWorker
 from deployments.previews import PreviewSchedule, encode_image, final_pixels
 from deployments.step_clock import StepClock
-from deployments.tasks import task_arguments
 from serve_app.contract.errors import DeadlineExceeded, DeviceError, GenerationCancelled, GenerationFailed, ServiceError
 from serve_app.contract.events import FinalEvent, PreviewEvent, ProgressEvent, StreamEvent, Timings
 from serve_app.contract.requests import ResolvedRequest
@@ -103,18 +102,19 @@ class GenerationRun:
         previews: PreviewWorker,
         request: ResolvedRequest,
         schedule: PreviewSchedule,
+        *,
+        task_inputs: dict[str, Any],
         final_jpeg_quality: int,
         timeout_s: float,
         progress: bool = False,
         on_event: EventSink | None = None,
         on_first_preview: Callable[[], None] | None = None,
         probe: DeviceProbe | None = None,
-        task_inputs: dict[str, Any] | None = None,
     ) -> None:
         """`probe` (a GPU's `deployments.failures.device_probe`) decides, after a failure, whether the device
         survived it; it is called on the pipeline thread, the one that drives the device. `task_inputs`:
-        the task's pipeline arguments made beforehand (`deployments.tasks.task_arguments`, off the slot);
-        made here when not given."""
+        the task's pipeline arguments (`deployments.tasks.task_arguments`), made by the engine beforehand,
+        off the slot."""
         self._models = models
         self._previews = previews
         self._request = request
@@ -203,7 +203,7 @@ class GenerationRun:
                     generator=generators,
                     output_type="pt",  # checked for NaNs before it becomes an image
                     callback_on_step_end=self._on_step_end,
-                    **(self._task_inputs if self._task_inputs is not None else task_arguments(request)),
+                    **self._task_inputs,
                 )
             images = output.images
             if not torch.isfinite(images).all():

@@ -278,10 +278,8 @@ class ResolvedRequest(BaseModel):
 
     @property
     def denoising_steps(self) -> int:
-        """Steps the pipeline really runs: image tasks start part-way, at `strength` (as diffusers counts)."""
-        if self.task == "text-to-image":
-            return self.num_inference_steps
-        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        """Steps the pipeline really runs: image tasks start part-way, at `strength`."""
+        return denoising_steps(self.num_inference_steps, self.strength)
 
 
 RUN_FIELDS = frozenset(ResolvedRequest.model_fields) - {"seed", "preview_interval", "task", "strength", "image", "mask"}
@@ -319,7 +317,7 @@ class RequestPolicy(BaseModel):
         fields.update(defaults)
         if isinstance(request, ImageToImageRequest):
             fields.update(task=request.task, strength=request.strength, **images)
-            if min(int(fields["num_inference_steps"] * request.strength), fields["num_inference_steps"]) < 1:
+            if denoising_steps(fields["num_inference_steps"], request.strength) < 1:
                 message = "strength x num_inference_steps is under one step: raise either"
                 raise ValidationFailed([{"type": "greater_than_equal", "loc": ["body", "strength"], "msg": message}])
         if fields["num_images"] > self.max_num_images:
@@ -344,6 +342,11 @@ class RequestPolicy(BaseModel):
         chosen_seed = request.seed if request.seed is not None else self.defaults.get("seed")
         fields["seed"] = chosen_seed if chosen_seed is not None else secrets.randbelow(RANDOM_SEEDS)
         return ResolvedRequest(**fields)
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """Steps an image pipeline runs at `strength`, as diffusers counts them (all of them at 1, text to image's)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
 
 
 def _other_side_by_aspect(fields: dict, sent: set[str], input_size: tuple[int, int]) -> tuple[int, int]:
