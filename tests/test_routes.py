@@ -26,12 +26,17 @@ def example_path(endpoint: Endpoint) -> str:
     return endpoint.path.replace("{request_id}", REQUEST_ID).replace("{token}", "Zx9").replace("{name}", "0.jpeg")
 
 
-def nginx_status_location() -> re.Pattern:
-    """The front proxy's location that sends requests to the status port."""
+def nginx_location(marker: str) -> re.Pattern:
+    """The pattern of the front proxy's one regex location whose block contains `marker`."""
     conf = (REPO / "configs" / "nginx-front-proxy.conf").read_text()
     blocks = re.split(r"\n\s*location ", conf)[1:]
-    (pattern,) = [block.split()[1] for block in blocks if block.startswith("~") and "http://sdxl_status;" in block]
+    (pattern,) = [block.split()[1] for block in blocks if block.startswith("~") and marker in block]
     return re.compile(pattern)
+
+
+def nginx_status_location() -> re.Pattern:
+    """The front proxy's location that sends requests to the status port."""
+    return nginx_location("http://sdxl_status;")
 
 
 @pytest.mark.parametrize("endpoint", TABLE.endpoints, ids=lambda endpoint: f"{endpoint.name} {endpoint.path}")
@@ -41,10 +46,7 @@ def test_the_front_proxy_sends_exactly_the_status_port_endpoints_there(endpoint:
 
 def nginx_image_location() -> re.Pattern:
     """The front proxy's location with the larger body limit."""
-    conf = (REPO / "configs" / "nginx-front-proxy.conf").read_text()
-    blocks = re.split(r"\n\s*location ", conf)[1:]
-    (pattern,) = [block.split()[1] for block in blocks if block.startswith("~") and "client_max_body_size" in block]
-    return re.compile(pattern)
+    return nginx_location("client_max_body_size")
 
 
 @pytest.mark.parametrize("endpoint", TABLE.endpoints, ids=lambda endpoint: f"{endpoint.name} {endpoint.path}")

@@ -138,6 +138,13 @@ def record_states(page: Page) -> None:
     )
 
 
+def posted(page: Page, button: str = "#generate") -> tuple[str, dict]:
+    """Click `button`; the URL and the JSON body of the POST it made."""
+    with page.expect_request(lambda request: request.method == "POST") as sent:
+        page.click(button)
+    return sent.value.url, sent.value.post_data_json
+
+
 def final_image_size(page: Page) -> tuple[int, int]:
     page.wait_for_selector("body[data-state=final]", timeout=60_000)
     assert page.text_content("#error") == ""
@@ -171,10 +178,8 @@ def test_an_input_image_streams_image_to_image_with_previews_at_its_size(page: P
     assert "256 x 192" in page.text_content("#image_info")
     fill(page, prompt="a red fox", num_inference_steps="4", preview_interval="1", seed="11")
     record_states(page)
-    with page.expect_request(lambda request: request.method == "POST") as sent:
-        page.click("#generate")
-    assert sent.value.url.endswith("/image-to-image/stream")
-    body = sent.value.post_data_json
+    url, body = posted(page)
+    assert url.endswith("/image-to-image/stream")
     assert body["image_url"].startswith("data:image/png;base64,") and body["strength"] == 0.95
     assert decode_data_uri(body["image_url"]).size == INPUT_SIZE
     assert not {"width", "height", "image_size", "mask_url"} & body.keys()  # the output takes the input's size
@@ -194,10 +199,8 @@ def test_a_painted_mask_inpaints_and_clearing_goes_back_to_text_to_image(page: P
     page.wait_for_selector("body[data-task=inpainting]")
     fill(page, prompt="a red fox", num_inference_steps="4", preview_interval="1", strength="0.75")
     record_states(page)
-    with page.expect_request(lambda request: request.method == "POST") as sent:
-        page.click("#generate")
-    assert sent.value.url.endswith("/inpainting/stream")
-    body = sent.value.post_data_json
+    url, body = posted(page)
+    assert url.endswith("/inpainting/stream")
     assert body["mask_url"].startswith("data:image/png;base64,") and body["strength"] == 0.75
     mask = decode_data_uri(body["mask_url"]).convert("L")
     assert mask.size == INPUT_SIZE  # the image's natural size, not the thumbnail's
@@ -237,10 +240,9 @@ def test_a_dropped_image_and_a_mask_file_are_queued_as_inpainting(page: Page, tm
     page.wait_for_selector("body[data-task=inpainting]")
     fill(page, prompt="a red fox", num_inference_steps="4", preview_interval="1", seed="13")
     app_id = page.get_attribute("body", "data-app-id")
-    with page.expect_request(lambda request: request.method == "POST") as sent:
-        page.click("#queue")
-    assert sent.value.url.endswith(f"/queue/{app_id}/inpainting")
-    sent_mask = decode_data_uri(sent.value.post_data_json["mask_url"]).convert("L")
+    url, body = posted(page, "#queue")
+    assert url.endswith(f"/queue/{app_id}/inpainting")
+    sent_mask = decode_data_uri(body["mask_url"]).convert("L")
     assert sent_mask.size == INPUT_SIZE
     assert sent_mask.getpixel((10, 96)) == 255 and sent_mask.getpixel((240, 96)) == 0
 
