@@ -19,8 +19,8 @@ import hashlib
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import InputConfig
-from serve_app.contract.errors import NotFound, ValidationFailed
-from serve_app.inputs.images import FORMATS, check_image
+from serve_app.contract.errors import NotFound
+from serve_app.inputs.images import FORMATS, check_image, input_error
 from serve_app.queue.outputs import OutputStore, extension
 
 UPLOAD_MARK = "up-"
@@ -64,9 +64,7 @@ class Uploads:
         content_type = body.content_type.split(";")[0].strip().lower()
         if content_type not in CONTENT_TYPES:
             message = f"uploads are images: content_type must be one of {sorted(CONTENT_TYPES)}"
-            raise ValidationFailed(
-                [{"type": "unsupported_image_format", "loc": ["body", "content_type"], "msg": message}]
-            )
+            raise input_error("content_type", "unsupported_image_format", message)
         token = self._outputs.new_token(self._config.upload_expiration_s, UPLOAD_MARK + owner_tag(owner))
         key = f"{token}/0.{extension(content_type)}"
         await self._outputs.put_at(key, b"", content_type)  # pending: the one key a PUT may fill
