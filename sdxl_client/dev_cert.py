@@ -21,27 +21,32 @@ from cryptography.x509.oid import NameOID
 
 def write_localhost_certificate(directory: Path, days: int = 365) -> tuple[Path, Path]:
     """Write `localhost.crt` (a CA-flagged self-signed cert for localhost and 127.0.0.1) and its key."""
+    return write_self_signed_certificate(directory, "localhost", addresses=("127.0.0.1",), days=days)
+
+
+def write_self_signed_certificate(
+    directory: Path, name: str, addresses: tuple[str, ...] = (), days: int = 365
+) -> tuple[Path, Path]:
+    """Write `<name>.crt`, a CA-flagged self-signed cert for the DNS name `name` (and `addresses`), and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
+    alternative_names = [x509.DNSName(name), *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses)]
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
+        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
         # A trust anchor for clients that are given this file as their CA bundle (SSL_CERT_FILE).
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "localhost.crt", directory / "localhost.key"
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -4,7 +4,6 @@ address check at connect time refuses loopback) and off (`allow_private_networks
 from __future__ import annotations
 
 import asyncio
-import datetime
 import functools
 import ipaddress
 import socket
@@ -17,11 +16,8 @@ from pathlib import Path
 
 import httpcore
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from sdxl_client.dev_cert import write_self_signed_certificate
 from serve_app.inputs.fetch import FetchPolicy, FetchRefused, fetch_url, is_public_address
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
@@ -88,31 +84,6 @@ def server() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
-def certificate_for(name: str, directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate (its own CA) for the DNS name `name` only, and its key: PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def local(**overrides: object) -> FetchPolicy:
     """A policy that may fetch from the test server."""
     settings: dict = {"allowed_hosts": ["127.0.0.1"], "allow_private_networks": True, "max_bytes": LIMIT}
@@ -160,7 +131,7 @@ def test_tls_verifies_the_host_name_not_the_address_connected_to(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, certified: str, fetched: bool
 ) -> None:
     """The connection goes to the checked IP literal, yet the certificate must still name the URL's host."""
-    cert_path, key_path = certificate_for(certified, tmp_path)
+    cert_path, key_path = write_self_signed_certificate(tmp_path, certified)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert_path, key_path)
     trusting = ssl.create_default_context(cafile=str(cert_path))
