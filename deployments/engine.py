@@ -23,14 +23,16 @@ from typing import Any
 
 import torch
 
+from deployments.adapter_files import AdapterSources
+from deployments.adapters import PreparedAdapters, RequestAdapters
 from deployments.failures import device_probe
 from deployments.models import LoadedModels, load_models
 from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome, UnencodedFinal
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
 from deployments.previews import PreviewSchedule
 from deployments.tasks import task_arguments
-from serve_app.config import AppConfig, ModelConfig, PreviewConfig, RequestConfig
-from serve_app.contract.errors import GenerationFailed, ReplicaFailed
+from serve_app.config import AdapterConfig, AppConfig, InputConfig, ModelConfig, PreviewConfig, RequestConfig
+from serve_app.contract.errors import GenerationFailed, ReplicaFailed, ServiceError
 from serve_app.contract.events import RunMode, StreamEvent
 from serve_app.contract.requests import GenerationRequest, RequestPolicy, ResolvedRequest
 
@@ -45,10 +47,14 @@ class EngineConfig:
     previews: PreviewConfig
     requests: RequestConfig
     policy: RequestPolicy
+    adapters: AdapterConfig = AdapterConfig()
+    inputs: InputConfig = InputConfig()  # adapter URLs: the image inputs' allow-list
 
     @classmethod
     def of(cls, config: AppConfig) -> EngineConfig:
-        return cls(config.model, config.previews, config.requests, config.request_policy())
+        return cls(
+            config.model, config.previews, config.requests, config.request_policy(), config.adapters, config.inputs
+        )
 
 
 class SDXLEngine:
@@ -72,6 +78,8 @@ class SDXLEngine:
             on_rendered=never_raising(on_preview_rendered),
         )
         self._probe = device_probe(self.models.device)  # after a failure: did the device survive it?
+        sources = AdapterSources.of(config.adapters, config.inputs, config.model.cache_dir)
+        self.adapters = RequestAdapters(self.models.pipeline, config.adapters, sources)
         self._on_run_finished = never_raising(on_run_finished)
         self._on_first_preview = never_raising(on_first_preview)
         self._on_unusable = never_raising(on_unusable)
@@ -104,8 +112,10 @@ class SDXLEngine:
         unencoded: UnencodedFinal | None = None
         self._refuse_if_unusable()
         task_inputs = await self._task_inputs(request)  # decoded and resized before the slot: no GPU waits
+        adapters = await self.adapters.prepare(request)  # files found and read before the slot too
         async with self._slot:
             self._refuse_if_unusable()  # a run ahead of this one, waited for, may have killed the device
+            await self._apply_adapters(adapters)
             run = GenerationRun(
                 self.models,
                 self.previews,
@@ -132,6 +142,7 @@ class SDXLEngine:
                 run.cancel()  # a no-op if the run already finished
                 outcome = await _wait_through_cancellation(done)
                 self._run = None
+                await self._clear_adapters(adapters)
                 if outcome.error is not None and outcome.error.fatal and self._unusable_reason is None:
                     self._unusable_reason = outcome.error.error_type  # the CUDA context is gone for good
                     if self._on_unusable is not None:
@@ -148,6 +159,47 @@ class SDXLEngine:
                 logger.exception("Encoding the final images failed")
                 raise GenerationFailed("the generation failed: encoding its images failed") from error
             yield final
+
+    async def _on_pipeline_thread(self, function: Callable[..., None], *args: object) -> None:
+        """`function` on the pipeline thread, waited for to its end even when cancelled (it changes the models);
+        the cancellation is raised after."""
+        future = asyncio.wrap_future(self._pipeline_thread.submit(function, *args))
+        cancelled = False
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancelled = True
+        future.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _apply_adapters(self, adapters: PreparedAdapters) -> None:
+        """The run's LoRAs on and its tokens added; a refused adapter's 422 as it is, any other failure as
+        `generation_failed`, with everything undone either way."""
+        if not adapters:
+            return
+        try:
+            await self._on_pipeline_thread(self.adapters.apply, adapters)
+        except (ServiceError, asyncio.CancelledError):
+            await self._clear_adapters(adapters)
+            raise
+        except Exception as error:
+            logger.exception("Loading a run's adapters failed")
+            await self._clear_adapters(adapters)
+            raise GenerationFailed("the generation failed: its adapters could not be loaded") from error
+
+    async def _clear_adapters(self, adapters: PreparedAdapters) -> None:
+        """The run's adapters off again. If that fails, the next run would see them: leave service."""
+        if not adapters:
+            return
+        try:
+            await self._on_pipeline_thread(self.adapters.clear, adapters)
+        except Exception:
+            logger.exception("Switching a run's adapters off failed; this replica leaves service")
+            self._unusable_reason = "adapter failure"
+            if self._on_unusable is not None:
+                self._on_unusable()
 
     async def _task_inputs(self, request: ResolvedRequest) -> dict[str, Any]:
         """The task's pipeline arguments, the input images decoded and resized on an encoder thread."""

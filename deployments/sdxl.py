@@ -29,6 +29,9 @@ from serve_app.contract.requests import ResolvedRequest
 logger = logging.getLogger("ray.serve")
 
 EXIT_AFTER_FATAL_S = 1.0  # time for the failed run's error event to reach its caller
+# Adapter sets (multiplexed model ids) each replica advertises to Serve's router, most recent first. Routing
+# only: the LoRAs themselves are bounded by `adapters.cache_max_count` and `cache_max_bytes` (the engine's).
+ROUTED_ADAPTER_SETS = 16
 EXIT_CODE_DEVICE_LOST = 70
 
 
@@ -50,11 +53,20 @@ class SDXLDeployment:
 
     async def generate(self, request: ResolvedRequest, mode: RunMode) -> AsyncIterator[StreamEvent | ErrorEvent]:
         """The engine's events; a failure as a last `ErrorEvent`."""
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._serves_adapter_set(model_id)
         try:
             async for event in self._engine.generate(request, mode):
                 yield event
         except ServiceError as error:
             yield ErrorEvent.model_validate(error.body().model_dump())
+
+    @serve.multiplexed(max_num_models_per_replica=ROUTED_ADAPTER_SETS)
+    async def _serves_adapter_set(self, model_id: str) -> str:
+        """Registers the request's adapter set (`ResolvedRequest.adapter_set_id`) with Serve's router, which
+        then sends its next requests here. The adapters are loaded by the engine, within the run."""
+        return model_id
 
     def _leave_service(self) -> None:
         """A fatal device error: the engine refuses new work from now on (callers retry elsewhere), and
@@ -85,6 +97,7 @@ class SDXLDeployment:
             "steps_run": self._steps_run,
             "busy": self._engine.busy,
             "previews_dropped": self._engine.previews.dropped,
+            "adapters": self._engine.adapters.stats(),
             "threads": threading.active_count(),
             "rss_bytes": psutil.Process().memory_info().rss,
         }

@@ -62,10 +62,14 @@ TEXT_HIDDEN = 32  # per text encoder; the UNet sees both concatenated (64)
 TIME_EMBED_DIM = 8
 
 
+def cache_root() -> Path:
+    """`$SDXL_SERVE_CACHE`, or `~/.cache/sdxl-serve`: the tiny model's and the default adapter directory's parent."""
+    return Path(os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve")
+
+
 def default_cache_dir() -> Path:
-    """Where the tiny model lives: `$SDXL_SERVE_CACHE` or `~/.cache/sdxl-serve`."""
-    root = os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve"
-    return Path(root) / f"tiny-sdxl-{TINY_MODEL_VERSION}"
+    """Where the tiny model lives, under `cache_root()`."""
+    return cache_root() / f"tiny-sdxl-{TINY_MODEL_VERSION}"
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:

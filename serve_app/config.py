@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.contract.adapters import MAX_ADAPTERS_PER_FIELD, AdapterPolicy
 from serve_app.contract.requests import (
     DEFAULT_PREVIEW_INTERVAL,
     MAX_BATCH_PIXELS,
@@ -42,6 +43,7 @@ RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timin
 NO_SAFETY_CHECKER = "none"
 TAESDXL = "madebyollin/taesdxl"
 COMPILED_SHAPES_LIMIT = 8  # torch._dynamo.config.recompile_limit's default: graphs per compiled function
+DEFAULT_MAX_LORAS = 3
 APP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -266,6 +268,46 @@ class InputConfig(Section):
     )
 
 
+class AdapterConfig(Section):
+    """LoRAs and textual-inversion embeddings requests name (`loras`, `embeddings`): where they may come from,
+    how many a request may name, and how many each model replica keeps loaded."""
+
+    max_loras: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_ADAPTERS_PER_FIELD,
+        description="LoRAs per request; 0 refuses them. Default 3, or 0 where the UNet is compiled, QKV-fused or "
+        "quantized (LoRA layers cannot be applied to those per request; docs/configuration.md says why).",
+    )
+    max_embeddings: int = Field(default=2, ge=0, le=MAX_ADAPTERS_PER_FIELD, description="Embeddings per request.")
+    local_dir: str | None = Field(
+        default=None,
+        description="The directory of .safetensors adapters a `path` may name by file name, on every model "
+        "replica's node; unset: `$SDXL_SERVE_CACHE/adapters` (`~/.cache/sdxl-serve/adapters`), where "
+        "`python -m deployments.tiny_adapters` writes. Hugging Face ids need no setting (the hub cache).",
+    )
+    names: bool = Field(
+        default=True, description="Load adapters by name (local files, Hugging Face ids); false: by URL only."
+    )
+    url_timeout_s: float = Field(
+        default=120.0, gt=0, le=1800, description="Time limit to download one adapter URL (`inputs.url_allowed_hosts`)."
+    )
+    max_file_bytes: int = Field(
+        default=1024**3,
+        ge=1024,
+        description="Largest adapter file loaded, however it arrives (an SDXL LoRA: 20-900 MB).",
+    )
+    download_dir: str | None = Field(
+        default=None, description="Where adapters fetched by URL are kept on each replica's node (a temp dir if unset)."
+    )
+    cache_max_count: int = Field(
+        default=8, ge=1, le=64, description="LoRAs each model replica keeps loaded, least recently used evicted."
+    )
+    cache_max_bytes: int = Field(
+        default=4 * 1024**3, ge=1024, description="Bytes of LoRA weights each model replica keeps loaded."
+    )
+
+
 class HttpConfig(Section):
     """The HTTP side: keys, browsers, hosts, per-client limits and the stream's timing."""
 
@@ -434,7 +476,7 @@ class StatusServerConfig(Section):
         return value
 
 
-SECTIONS = ("model", "previews", "requests", "http", "queue", "inputs", "status_server")
+SECTIONS = ("model", "previews", "requests", "http", "queue", "inputs", "adapters", "status_server")
 
 # Flat keys of earlier releases -> (section, field).
 LEGACY_KEYS: dict[str, tuple[str, str]] = {
@@ -533,6 +575,7 @@ class AppConfig(BaseModel):
     http: HttpConfig = Field(default_factory=HttpConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     inputs: InputConfig = Field(default_factory=InputConfig)
+    adapters: AdapterConfig = Field(default_factory=AdapterConfig)
     status_server: StatusServerConfig = Field(default_factory=StatusServerConfig)
 
     @model_validator(mode="before")
@@ -574,6 +617,34 @@ class AppConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _loras_only_on_a_plain_unet(self) -> AppConfig:
+        if self.adapters.max_loras and self.unet_rewritten():
+            raise ValueError(
+                f"adapters.max_loras: LoRAs cannot be applied per request to a {self.unet_rewritten()} UNet "
+                "(docs/configuration.md says why): set adapters.max_loras: 0, or leave it out"
+            )
+        return self
+
+    def unet_rewritten(self) -> str:
+        """How the UNet is rewritten at load ('' when it is not): compiled, QKV-fused or quantized."""
+        model = self.model
+        return ", ".join(
+            name
+            for name, applied in (
+                ("compiled", model.compile),
+                ("QKV-fused", model.fuse_qkv),
+                ("quantized", model.quantization != "none"),
+            )
+            if applied
+        )
+
+    def max_loras(self) -> int:
+        """`adapters.max_loras`, or its default: 3 on a plain UNet, 0 on a rewritten one."""
+        if self.adapters.max_loras is not None:
+            return self.adapters.max_loras
+        return 0 if self.unet_rewritten() else DEFAULT_MAX_LORAS
+
     def request_policy(self) -> RequestPolicy:
         """How a client's request becomes a `ResolvedRequest`: the profile, then `requests.defaults`, and
         `previews.interval` where neither the request nor the defaults name one."""
@@ -582,4 +653,10 @@ class AppConfig(BaseModel):
             preview_interval=self.previews.interval,
             max_num_images=self.requests.max_num_images,
             max_batch_pixels=self.requests.max_batch_pixels,
+            adapters=AdapterPolicy(
+                max_loras=self.max_loras(),
+                max_embeddings=self.adapters.max_embeddings,
+                url_hosts=tuple(self.inputs.url_allowed_hosts),
+                names=self.adapters.names,
+            ),
         )

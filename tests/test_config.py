@@ -62,6 +62,18 @@ def test_a_resolved_request_has_a_seed_and_nothing_left_to_default() -> None:
     assert set(resolved.model_dump()) == {
         "prompt", "negative_prompt", "num_inference_steps", "width", "height", "seed", "guidance_scale",
         "num_images", "preview_interval", "output_format", "sync_mode", "enable_safety_checker",
-        "task", "strength", "image", "mask",
+        "task", "strength", "image", "mask", "loras", "embeddings", "runner_hint",
     }  # fmt: skip
     assert (resolved.task, resolved.image, resolved.mask) == ("text-to-image", None, None)
+
+
+def test_loras_are_off_by_default_on_a_rewritten_unet_and_refused_when_asked_for() -> None:
+    """LoRA layers cannot be switched per request on a compiled, QKV-fused or quantized UNet."""
+    assert AppConfig().request_policy().adapters.max_loras == 3
+    fused = AppConfig(model={"fuse_qkv": True})
+    assert fused.request_policy().adapters.max_loras == 0 and fused.request_policy().adapters.max_embeddings == 2
+    with pytest.raises(ValidationError, match="QKV-fused"):
+        AppConfig(model={"fuse_qkv": True}, adapters={"max_loras": 2})
+    with pytest.raises(ValidationError, match="quantized"):
+        AppConfig(model={"quantization": "int8_weight_only"}, adapters={"max_loras": 1})
+    assert AppConfig(model={"fuse_qkv": True}, adapters={"max_loras": 0}).max_loras() == 0

@@ -5,6 +5,15 @@ import re
 import pytest
 from pydantic import ValidationError
 
+from serve_app.contract.adapters import (
+    AdapterPolicy,
+    Embedding,
+    LoraWeight,
+    adapter_set_id,
+    check_adapters,
+    path_problem,
+)
+from serve_app.contract.errors import ValidationFailed
 from serve_app.contract.events import GenerationResult
 from serve_app.contract.requests import IMAGE_SIZE_PRESETS, MAX_SEED, GenerationRequest
 
@@ -128,8 +137,6 @@ def test_accepts_values_at_the_bounds(fields: dict) -> None:
         ({"format": "png", "output_format": "jpeg"}, "output_format"),
         ({"format": "webp"}, "format"),
         ({"expand_prompt": True}, "expand_prompt"),
-        ({"loras": [{"path": "https://example.com/lora.safetensors", "scale": 1}]}, "loras"),
-        ({"embeddings": [{"path": "https://example.com/emb.safetensors"}]}, "embeddings"),
         ({"safety_checker_version": "v3"}, "safety_checker_version"),
         ({"enable_safety_checker": "yes"}, "enable_safety_checker"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
@@ -149,8 +156,6 @@ def test_rejects_invalid_values_naming_the_field(fields: dict, field: str) -> No
     ("fields", "message"),
     [
         ({"expand_prompt": True}, "expand_prompt is not supported"),
-        ({"loras": [{"path": "x"}]}, "loras are not supported"),
-        ({"embeddings": [{"path": "x"}]}, "embeddings are not supported"),
         ({"image_size": "square", "width": 1024}, "width 1024 disagrees with image_size (512)"),
     ],
 )
@@ -182,3 +187,52 @@ def test_result_says_per_image_whether_a_check_ran() -> None:
 def test_round_trips_as_a_dict_across_the_process_boundary(fields: dict) -> None:
     request = GenerationRequest.model_validate({"prompt": "a fox", **fields})
     assert GenerationRequest.model_validate(request.model_dump()) == request
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("style.safetensors", None),
+        ("styles/fox.safetensors", None),
+        ("owner/name", None),
+        ("owner/name/dir/file.safetensors", None),
+        ("https://adapters.example.com/a.safetensors", None),
+        ("https://elsewhere.example.org/a.safetensors", "adapter_not_allowed"),
+        ("https://adapters.example.com/a.ckpt", "adapter_not_safetensors"),
+        ("owner/name/model.bin", "adapter_not_safetensors"),
+        ("/etc/passwd", "adapter_not_allowed"),
+        ("../outside.safetensors", "adapter_not_allowed"),
+        ("dir/../../outside.safetensors", "adapter_not_allowed"),
+        ("file:///etc/passwd", "adapter_not_allowed"),
+        ("s3://bucket/a.safetensors", "adapter_not_allowed"),
+        ("C:\\loras\\a.safetensors", "adapter_not_allowed"),
+        ("~/a.safetensors", "adapter_not_allowed"),
+        ("justaname", "adapter_not_allowed"),
+    ],
+)
+def test_an_adapter_path_is_a_url_a_hugging_face_id_or_a_local_file_name(path: str, problem: str | None) -> None:
+    policy = AdapterPolicy(url_hosts=(".example.com",))
+    found = path_problem(path, policy)
+    assert (found[0] if found else None) == problem
+
+
+def test_adapter_limits_and_tokens_are_checked_at_the_ingress() -> None:
+    policy = AdapterPolicy(max_loras=1, max_embeddings=1)
+    two = [LoraWeight(path="a.safetensors"), LoraWeight(path="b.safetensors")]
+    with pytest.raises(ValidationFailed) as raised:
+        check_adapters(two, [], policy)
+    assert raised.value.detail[0]["loc"] == ["body", "loras"] and "at most 1" in raised.value.detail[0]["msg"]
+    with pytest.raises(ValidationFailed, match="validation_error"):
+        check_adapters([], [Embedding(path="e.safetensors", tokens=["<x>", "<x>"])], policy)
+    with pytest.raises(ValidationFailed) as raised:
+        check_adapters([LoraWeight(path="a.safetensors")], [], AdapterPolicy(max_loras=0))
+    assert "loads no loras" in raised.value.detail[0]["msg"]
+
+
+def test_the_adapter_set_id_names_the_paths_not_the_scales() -> None:
+    one = adapter_set_id((LoraWeight(path="a.safetensors", scale=0.5), LoraWeight(path="b.safetensors")), ())
+    same = adapter_set_id((LoraWeight(path="b.safetensors", scale=2), LoraWeight(path="a.safetensors")), ())
+    assert one == same and one.startswith("adapters-")
+    assert adapter_set_id((LoraWeight(path="a.safetensors"),), ()) != one
+    assert adapter_set_id((), (), runner_hint="session-1") != adapter_set_id((), (), runner_hint="session-2")
+    assert adapter_set_id((), ()) == ""  # no adapters, no hint: any replica

@@ -11,6 +11,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from serve_app.contract.adapters import (
+    MAX_ADAPTERS_PER_FIELD,
+    AdapterPolicy,
+    Embedding,
+    LoraWeight,
+    adapter_set_id,
+    check_adapters,
+)
 from serve_app.contract.errors import ValidationFailed
 
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) keeps exact
@@ -71,21 +79,6 @@ class ImageSize(BaseModel):
 
     width: ImageSide = 512
     height: ImageSide = 512
-
-
-class LoraWeight(BaseModel):
-    """fal's LoRA entry. Documented for the schema only: this service loads no LoRAs (a non-empty list is a 422)."""
-
-    path: str
-    scale: float = 1.0
-    force: bool = False
-
-
-class Embedding(BaseModel):
-    """fal's textual-inversion entry. Documented for the schema only: none are loaded (a non-empty list is a 422)."""
-
-    path: str
-    tokens: list[str] = ["<s0>", "<s1>"]
 
 
 class GenerationRequest(BaseModel):
@@ -154,8 +147,16 @@ class GenerationRequest(BaseModel):
     )
     request_id: str = Field(default="", max_length=256, description="Accepted for fal compatibility; not used.")
     expand_prompt: bool = Field(default=False, description="fal's prompt expansion: not supported, only false.")
-    loras: list[LoraWeight] = Field(default_factory=list, description="Not supported: only an empty list.")
-    embeddings: list[Embedding] = Field(default_factory=list, description="Not supported: only an empty list.")
+    loras: list[LoraWeight] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPTERS_PER_FIELD,
+        description="LoRAs applied to this request only, each at its `scale`; the service may allow fewer.",
+    )
+    embeddings: list[Embedding] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPTERS_PER_FIELD,
+        description="Textual-inversion embeddings for this request only: write their `tokens` in the prompt.",
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -198,13 +199,6 @@ class GenerationRequest(BaseModel):
         if expand:
             raise ValueError("expand_prompt is not supported by this service; send false or leave it out")
         return expand
-
-    @field_validator("loras", "embeddings", mode="before")
-    @classmethod
-    def _no_extra_weights(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, list) and value:
-            raise ValueError(f"{info.field_name} are not supported by this service; send [] or leave it out")
-        return value
 
     @model_validator(mode="after")
     def _fal_names_resolved(self) -> GenerationRequest:
@@ -275,6 +269,14 @@ class ResolvedRequest(BaseModel):
     strength: float = Field(default=1.0, description="Image to image and inpainting: how much to change the image.")
     image: bytes | None = Field(default=None, description="The input image's file (checked), for image tasks.")
     mask: bytes | None = Field(default=None, description="The inpainting mask's file (checked).")
+    loras: tuple[LoraWeight, ...] = ()
+    embeddings: tuple[Embedding, ...] = ()
+    runner_hint: str = Field(default="", description="`X-Fal-Runner-Hint`: requests with the same hint go together.")
+
+    @property
+    def adapter_set_id(self) -> str:
+        """The multiplexed model id this request is routed by (empty: any replica)."""
+        return adapter_set_id(self.loras, self.embeddings, self.runner_hint)
 
     @property
     def denoising_steps(self) -> int:
@@ -282,7 +284,10 @@ class ResolvedRequest(BaseModel):
         return denoising_steps(self.num_inference_steps, self.strength)
 
 
-RUN_FIELDS = frozenset(ResolvedRequest.model_fields) - {"seed", "preview_interval", "task", "strength", "image", "mask"}
+RUN_FIELDS = frozenset(ResolvedRequest.model_fields) - {
+    *("seed", "preview_interval", "task", "strength", "image", "mask", "loras", "embeddings", "runner_hint")
+}
+MAX_RUNNER_HINT_CHARS = 256
 SIZE_FIELDS = frozenset({"width", "height"})
 
 
@@ -295,17 +300,23 @@ class RequestPolicy(BaseModel):
     preview_interval: int = DEFAULT_PREVIEW_INTERVAL
     max_num_images: int = MAX_NUM_IMAGES
     max_batch_pixels: int = MAX_BATCH_PIXELS
+    adapters: AdapterPolicy = AdapterPolicy()
 
     def resolve(
-        self, request: GenerationRequest, input_size: tuple[int, int] | None = None, **images: bytes
+        self,
+        request: GenerationRequest,
+        input_size: tuple[int, int] | None = None,
+        runner_hint: str = "",
+        **images: bytes,
     ) -> ResolvedRequest:
         """The request as the engine runs it: what the client sent, else the defaults (a random seed when
         neither has one); a 422 naming the field for a limit of this deployment's (`max_num_images`).
 
         An image task's size is `input_size` (the input image's, fitted to the service's sides) unless
         the client sent one (one side sent: the other keeps the input's aspect); the defaults' size does
-        not apply. `images` are its checked `image`/`mask`."""
+        not apply. `images` are its checked `image`/`mask`; `runner_hint` the client's `X-Fal-Runner-Hint`."""
         sent = request.model_fields_set
+        check_adapters(request.loras, request.embeddings, self.adapters)
         fields = {name: getattr(request, name) for name in RUN_FIELDS}
         defaults = {name: value for name, value in self.defaults.items() if name not in sent and name in fields}
         if input_size is not None:
@@ -341,6 +352,11 @@ class RequestPolicy(BaseModel):
         )
         chosen_seed = request.seed if request.seed is not None else self.defaults.get("seed")
         fields["seed"] = chosen_seed if chosen_seed is not None else secrets.randbelow(RANDOM_SEEDS)
+        fields.update(
+            loras=tuple(request.loras),
+            embeddings=tuple(request.embeddings),
+            runner_hint=runner_hint[:MAX_RUNNER_HINT_CHARS],
+        )
         return ResolvedRequest(**fields)
 
 

@@ -62,7 +62,13 @@ class ServeGenerationClient:
         self._refresh: asyncio.Task | None = None
 
     def events(self, request: ResolvedRequest, mode: RunMode) -> GenerationCall:
-        return ServeGenerationCall(self._generate.remote(request, mode))
+        """Requests naming adapters (or a runner hint) go by Serve's model multiplexing, preferring the replicas
+        that served the same adapter set last."""
+        model_id = request.adapter_set_id
+        if not model_id:
+            return ServeGenerationCall(self._generate.remote(request, mode))
+        generate = self._handle.options(stream=True, multiplexed_model_id=model_id).generate
+        return ServeGenerationCall(generate.remote(request, mode))
 
     async def ready_replicas(self) -> int:
         """From a cached answer refreshed in the background (the first call waits for one)."""

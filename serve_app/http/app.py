@@ -21,7 +21,7 @@ from serve_app.config import AppConfig
 from serve_app.contract.errors import ErrorBody
 from serve_app.contract.events import FinalEvent, GenerationResult, PreviewEvent
 from serve_app.contract.queue import CancelAccepted, QueueStatus, QueueSubmitted
-from serve_app.contract.requests import GenerationRequest, ImageToImageRequest, InpaintingRequest
+from serve_app.contract.requests import GenerationRequest, ImageToImageRequest, InpaintingRequest, ResolvedRequest
 from serve_app.http.edge import BODY_TIMEOUT_S, MAX_BODY_BYTES, MAX_HEAD_BYTES, BodyGuard, HeadSizeLimit, HostAllowList
 from serve_app.http.errors import add_error_handlers
 from serve_app.http.middleware import (
@@ -41,6 +41,7 @@ from serve_app.inputs.resolver import Caller, ImageInputs
 from serve_app.inputs.uploads import UploadInitiate, Uploads, UploadTarget
 from serve_app.queue.outputs import OutputStore
 
+RUNNER_HINT_HEADER = "x-fal-runner-hint"  # fal's: requests with the same hint go to the same runner
 PLAYGROUND_HTML = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
 # Sent by @fal-ai/client (x-fal-queue-priority on every submit): a browser preflight must allow them.
 FAL_CLIENT_HEADERS = (
@@ -102,15 +103,21 @@ def build_http_app(
 
     async def stream(body: GenerationRequest, request: Request):
         """Stream previews every few steps, then the final image as the last event."""
-        return await relay.stream(policy.resolve(body), start_timeout_s(request))
+        return await relay.stream(resolved(body, request), start_timeout_s(request))
 
     async def run(body: GenerationRequest, request: Request):
         """Generate and return the finished image as JSON (no stream)."""
-        return await relay.run(policy.resolve(body), start_timeout_s(request))
+        return await relay.run(resolved(body, request), start_timeout_s(request))
 
     async def submit(body: GenerationRequest, request: Request, fal_webhook: str | None = None) -> Response:
         """Queue a generation; poll `status_url`, then fetch `response_url`."""
-        return await queue_api.submit(policy.resolve(body), request, fal_webhook)
+        return await queue_api.submit(resolved(body, request), request, fal_webhook)
+
+    def resolved(body: GenerationRequest, request: Request) -> ResolvedRequest:
+        return policy.resolve(body, runner_hint=request.headers.get(RUNNER_HINT_HEADER, ""))
+
+    async def image_resolved(body: ImageToImageRequest, request: Request) -> ResolvedRequest:
+        return await inputs.resolve(body, policy, caller(request), request.headers.get(RUNNER_HINT_HEADER, ""))
 
     def caller(request: Request) -> Caller:
         return Caller(
@@ -123,13 +130,13 @@ def build_http_app(
         """Run, stream and submit for one image task: its images loaded and checked, then as text to image."""
 
         async def image_run(body: model, request: Request):  # type: ignore[valid-type]
-            return await relay.run(await inputs.resolve(body, policy, caller(request)), start_timeout_s(request))
+            return await relay.run(await image_resolved(body, request), start_timeout_s(request))
 
         async def image_stream(body: model, request: Request):  # type: ignore[valid-type]
-            return await relay.stream(await inputs.resolve(body, policy, caller(request)), start_timeout_s(request))
+            return await relay.stream(await image_resolved(body, request), start_timeout_s(request))
 
         async def image_submit(body: model, request: Request, fal_webhook: str | None = None) -> Response:  # type: ignore[valid-type]
-            return await queue_api.submit(await inputs.resolve(body, policy, caller(request)), request, fal_webhook)
+            return await queue_api.submit(await image_resolved(body, request), request, fal_webhook)
 
         image_run.__doc__ = f"{model.__doc__.splitlines()[0]} Returns the finished image as JSON."
         image_stream.__doc__ = f"{model.__doc__.splitlines()[0]} Streams previews, then the final image."

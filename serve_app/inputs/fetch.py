@@ -39,6 +39,7 @@ class FetchPolicy:
     timeout_s: float = 10.0  # whole fetch (connect, redirects, body)
     max_bytes: int = 32 * 1024 * 1024  # body size limit
     max_redirects: int = 3
+    label: str = "image URL"  # what the fetched thing is, in messages: "image URL", "adapter URL"
 
 
 class FetchRefused(Exception):
@@ -119,8 +120,9 @@ class _CheckedBackend(httpcore.AnyIOBackend):
     used. httpcore still starts TLS with the URL's host as `server_hostname` (`AsyncHTTPConnection._connect`), so
     certificates are verified against the name, not against the IP literal connected to."""
 
-    def __init__(self, allow_private_networks: bool) -> None:
+    def __init__(self, allow_private_networks: bool, label: str = "image URL") -> None:
         self._allow_private_networks = allow_private_networks
+        self._label = label
 
     async def connect_tcp(
         self,
@@ -130,7 +132,7 @@ class _CheckedBackend(httpcore.AnyIOBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        unresolved = FetchRefused("file_download_error", f"could not resolve the image URL host {host!r}")
+        unresolved = FetchRefused("file_download_error", f"could not resolve the {self._label} host {host!r}")
         try:
             found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in found))
@@ -139,8 +141,8 @@ class _CheckedBackend(httpcore.AnyIOBackend):
         if not self._allow_private_networks and not all(is_public_address(address) for address in addresses):
             raise FetchRefused(
                 "file_download_error",
-                f"the image URL host {host!r} resolves to a private or reserved address, which this service does not "
-                "fetch from",
+                f"the {self._label} host {host!r} resolves to a private or reserved address, which this service "
+                "does not fetch from",
             )
         failure: Exception = unresolved
         for address in addresses:
@@ -153,39 +155,48 @@ class _CheckedBackend(httpcore.AnyIOBackend):
 
 async def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     """The body of `url`, a client's image input, if the policy allows fetching it; `FetchRefused` otherwise."""
-    target = _target(url, policy.allowed_hosts, "image URL")
+    target = _target(url, policy.allowed_hosts, policy.label)
     try:
         with anyio.fail_after(policy.timeout_s):
-            backend = _CheckedBackend(policy.allow_private_networks)
+            backend = _CheckedBackend(policy.allow_private_networks, policy.label)
             async with httpcore.AsyncConnectionPool(network_backend=backend, retries=0) as pool:
                 for _ in range(policy.max_redirects + 1):
-                    body, location = await _get(pool, target, policy.max_bytes)
+                    body, location = await _get(pool, target, policy)
                     if location is None:
                         return body
                     target = _target(urljoin(target.given, location), policy.allowed_hosts, "redirect")
     except TimeoutError:
         raise FetchRefused(
-            "file_download_error", f"image URL host {target.host!r} did not answer within {policy.timeout_s:g} s"
+            "file_download_error", f"{policy.label} host {target.host!r} did not answer within {policy.timeout_s:g} s"
         ) from None
     except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
         logger.info("Image input from %r: could not connect: %r", target.host, error)
-        raise FetchRefused("file_download_error", f"could not connect to the image URL host {target.host!r}") from None
+        raise FetchRefused(
+            "file_download_error", f"could not connect to the {policy.label} host {target.host!r}"
+        ) from None
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as error:
         logger.info("Image input from %r: connection failed: %r", target.host, error)
-        raise FetchRefused("file_download_error", f"the connection to image URL host {target.host!r} failed") from None
-    raise FetchRefused("file_download_error", f"image URL {url!r} redirected more than {policy.max_redirects} times")
+        raise FetchRefused(
+            "file_download_error", f"the connection to {policy.label} host {target.host!r} failed"
+        ) from None
+    raise FetchRefused(
+        "file_download_error", f"{policy.label} {url!r} redirected more than {policy.max_redirects} times"
+    )
 
 
-async def _get(pool: httpcore.AsyncConnectionPool, target: _Target, max_bytes: int) -> tuple[bytes, str | None]:
+async def _get(pool: httpcore.AsyncConnectionPool, target: _Target, policy: FetchPolicy) -> tuple[bytes, str | None]:
     """One GET: the body of a 2xx, or the `Location` of a redirect."""
-    headers = [(b"Host", target.host_header.encode()), (b"Accept", b"image/*")]
+    max_bytes = policy.max_bytes
+    headers = [(b"Host", target.host_header.encode()), (b"Accept", b"*/*")]
     async with pool.stream("GET", target.url, headers=headers) as response:
         fields = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
         if response.status in _REDIRECTS and "location" in fields:
             return b"", fields["location"]
         if not 200 <= response.status < 300:
-            raise FetchRefused("file_download_error", f"image URL host {target.host!r} answered HTTP {response.status}")
-        too_large = FetchRefused("file_too_large", f"the image at {target.host!r} is larger than {max_bytes} bytes")
+            raise FetchRefused(
+                "file_download_error", f"{policy.label} host {target.host!r} answered HTTP {response.status}"
+            )
+        too_large = FetchRefused("file_too_large", f"the file at {target.host!r} is larger than {max_bytes} bytes")
         if fields.get("content-length", "").strip().isdigit() and int(fields["content-length"]) > max_bytes:
             raise too_large
         chunks: list[bytes] = []

@@ -55,7 +55,9 @@ class ImageInputs:
             max_bytes=config.max_image_bytes,
         )
 
-    async def resolve(self, body: ImageToImageRequest, policy: RequestPolicy, caller: Caller) -> ResolvedRequest:
+    async def resolve(
+        self, body: ImageToImageRequest, policy: RequestPolicy, caller: Caller, runner_hint: str = ""
+    ) -> ResolvedRequest:
         """The request with its image (and mask) loaded and checked; its size the image's unless it names one."""
         loads = [self.load(body.image_url, "image_url", caller)]
         if isinstance(body, InpaintingRequest):
@@ -65,7 +67,7 @@ class ImageInputs:
         # The input's size when the request names none (fitted to the service's sides); its aspect otherwise.
         named = SIZE_FIELDS & body.model_fields_set
         size = fitted_size(image) if not named else (image.width, image.height)
-        return policy.resolve(body, size, **images)
+        return policy.resolve(body, size, runner_hint, **images)
 
     async def load(self, url: str, field: str, caller: Caller) -> CheckedImage:
         limits = (self._config.max_image_bytes, self._config.max_image_pixels)
