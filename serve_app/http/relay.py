@@ -17,7 +17,14 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from serve_app.config import HttpConfig, RequestConfig
-from serve_app.contract.errors import Overloaded, QueueTimeout, ServiceError, StartTimeout, as_service_error
+from serve_app.contract.errors import (
+    Overloaded,
+    QueueTimeout,
+    ServiceError,
+    StartTimeout,
+    ValidationFailed,
+    as_service_error,
+)
 from serve_app.contract.events import (
     QUEUE_JOB,
     RESULT_ONLY,
@@ -61,9 +68,10 @@ class GenerationRelay:
         wait_s = min(self._queue_timeout_s, start_timeout_s or float("inf"))
         first = asyncio.ensure_future(call.first_event(wait_s, user_timeout=wait_s == start_timeout_s))
         try:
-            # Wait briefly for the first event so that overload is still a 503, not a 200 stream.
+            # Wait briefly for the first event so that overload is still a 503, not a 200 stream, and a request the
+            # replica refused (an adapter that does not load) a 422.
             await asyncio.wait({first}, timeout=self._first_event_wait_s)
-            if first.done() and not first.cancelled() and isinstance(first.exception(), Overloaded):
+            if first.done() and not first.cancelled() and isinstance(first.exception(), (Overloaded, ValidationFailed)):
                 return error_response(self._failure(first.exception()))
         except BaseException:
             first.cancel()

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import httpx
 import pytest
 import ray
 
+from deployments.tiny import cache_root
+from deployments.tiny_adapters import EMBEDDING_FILE, LORA_FILE, write_tiny_embedding, write_tiny_lora
 from tests.integration.harness import ServeHarness, free_port
 from tests.redis_server import redis_url  # noqa: F401 - a fixture
 from tests.s3_server import s3_endpoint, service_env  # noqa: F401 - a fixture
@@ -52,3 +55,14 @@ def local_url(serve_harness: ServeHarness) -> str:
 def client() -> httpx.Client:
     with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(serve_harness: ServeHarness) -> Path:
+    """The README's tiny LoRA and embedding (`python -m deployments.tiny_adapters`), in the default adapter
+    directory every test app's replicas read (`$SDXL_SERVE_CACHE/adapters`, set above)."""
+    directory = cache_root() / "adapters"
+    write_tiny_lora(directory / LORA_FILE)
+    write_tiny_lora(directory / "other-style.safetensors", seed=1)
+    write_tiny_embedding(directory / EMBEDDING_FILE)
+    return directory

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -31,8 +32,9 @@ JS_DIR = REPO / "tests" / "js"
 
 
 @pytest.fixture(scope="module")
-def tls_service(tmp_path_factory: pytest.TempPathFactory):
-    """`serve run configs/local-tls.yaml` as a user runs it (own Ray instance), on a free port."""
+def tls_service(tmp_path_factory: pytest.TempPathFactory, tiny_adapters: Path):
+    """`serve run configs/local-tls.yaml` as a user runs it (own Ray instance), on a free port; the tiny adapters
+    in its default adapter directory (the environment's `SDXL_SERVE_CACHE`)."""
     directory = tmp_path_factory.mktemp("tls")
     cert, key = write_localhost_certificate(directory)
     config = yaml.safe_load((REPO / "configs" / "local-tls.yaml").read_text())
@@ -298,6 +300,39 @@ def test_fal_client_image_to_image_with_an_encoded_image(tls_service: dict) -> N
     assert decode_image(out["ran"]["images"][0]).size == (320, 256)
 
 
+LORAS = """
+import fal_client, json
+styled = {**ARGS, "loras": [{"path": "tiny-style.safetensors", "scale": 1.0}]}
+base = fal_client.run("local/sdxl", arguments=ARGS)["images"][0]
+ran = fal_client.run("local/sdxl", arguments=styled)["images"][0]
+subscribed = fal_client.subscribe("local/sdxl", arguments={**styled, "sync_mode": True})["images"][0]
+embedded = fal_client.run("local/sdxl", arguments={**ARGS, "embeddings": [{"path": "tiny-embedding.safetensors"}]})
+after = fal_client.run("local/sdxl", arguments=ARGS)["images"][0]
+try:
+    fal_client.run("local/sdxl", arguments={**ARGS, "loras": [{"path": "missing.safetensors"}]})
+    refused = None
+except fal_client.client.FalClientHTTPError as error:
+    refused = {"status": error.status_code, "body": error.response.json()}
+print(json.dumps({"base": base, "ran": ran, "subscribed": subscribed, "embedded": embedded["images"][0],
+                  "after": after, "refused": refused}))
+"""
+
+
+def test_fal_client_sends_loras_and_embeddings(tls_service: dict) -> None:
+    """`loras` and `embeddings` from the unmodified fal_client, on run and through the queue: the LoRA changes
+    the image, the same LoRA gives the same image both ways, and the next request without one is as before."""
+    arguments = {**SMALL, "prompt": "a <s0><s1> fox", "width": 128, "height": 128, "output_format": "png"}
+    out = run_fal_client(tls_service, LORAS.replace("ARGS", repr(arguments)))
+    pixels = {
+        name: np.asarray(decode_image(out[name]), np.int16)
+        for name in ("base", "ran", "subscribed", "embedded", "after")
+    }
+    assert np.abs(pixels["ran"] - pixels["base"]).mean() > 2 and np.abs(pixels["embedded"] - pixels["base"]).mean() > 1
+    assert np.array_equal(pixels["subscribed"], pixels["ran"]) and np.array_equal(pixels["after"], pixels["base"])
+    assert out["refused"]["status"] == 422
+    assert out["refused"]["body"]["detail"][0]["type"] == "adapter_not_found"
+
+
 # --- JavaScript @fal-ai/client, unmodified ------------------------------------------------------
 
 
@@ -334,6 +369,21 @@ def test_js_client_subscribe(local_url: str, js_client: Path, mode: str) -> None
     assert out["seed"] == 3 and out["url"].startswith(f"{local_url}/files/") and out["requestId"]
     assert out["statuses"][-1] == "COMPLETED" and "IN_PROGRESS" in out["statuses"]
     assert "step 30/30" in out["logs"] and out["logs"].count("Completed") == 1
+
+
+def test_js_client_subscribes_with_a_lora(local_url: str, js_client: Path, tiny_adapters: Path) -> None:
+    """`loras` from the unmodified @fal-ai/client, through the queue; the image differs from the one without."""
+    small = {**SMALL, "width": 128, "height": 128}
+    styled = run_js(
+        js_client.parent / "fal_queue.mjs",
+        local_url,
+        "polling",
+        {**small, "loras": [{"path": "tiny-style.safetensors", "scale": 0.8}]},
+    )
+    plain = run_js(js_client.parent / "fal_queue.mjs", local_url, "polling", small)
+    assert styled["seed"] == plain["seed"] == 3 and styled["statuses"][-1] == "COMPLETED"
+    images = [np.asarray(Image.open(io.BytesIO(httpx.get(out["url"]).content)), np.int16) for out in (styled, plain)]
+    assert np.abs(images[0] - images[1]).mean() > 2
 
 
 def test_js_client_queue_submit_status_result_cancel(local_url: str, js_client: Path) -> None:
