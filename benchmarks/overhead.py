@@ -18,7 +18,11 @@ a round (on a shared VM the same call varies by 15-35% from one minute to the ne
   6. a batch: `num_images: 4` in one `POST /` against four single requests back to back, images per
      second on one replica (--batch-images N; 0 skips it);
   7. image to image in-process at strength 1 (the same steps as text to image), the input PNG checked
-     as the ingress checks it and encoded by the VAE: its per-step cost against (2) without previews.
+     as the ingress checks it and encoded by the VAE: its per-step cost against (2) without previews;
+  8. a request with a LoRA already loaded on the replica (rank 16 on every attention projection; PEFT
+     layers switched on, not fused: docs/api.md says why) against (2) without previews;
+  9. a request with a LoRA the replica has not loaded yet (read from the local disk, loaded, then run):
+     the first load's cost, against (8).
 Prints a table and the ratios, and writes them to --out.
 """
 
@@ -44,9 +48,11 @@ import httpx
 import ray
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from deployments.engine import EngineConfig, SDXLEngine
 from deployments.models import LoadedModels
+from deployments.tiny_adapters import random_lora
 from serve_app.config import AppConfig
 from serve_app.contract.events import RESULT_ONLY, STREAM
 from serve_app.contract.requests import GenerationRequest, ImageToImageRequest
@@ -141,6 +147,22 @@ def ours_image_to_image(engine: SDXLEngine, body: dict, png: bytes) -> float:
 
     asyncio.run(run())
     return time.perf_counter() - started
+
+
+class LoraFiles:
+    """(8) and (9): one LoRA for the model being measured, in a directory the engine reads; (9) names a new
+    copy of it each time, so each of its runs loads one."""
+
+    def __init__(self, models: LoadedModels, directory: Path) -> None:
+        self.directory = directory
+        save_file(random_lora(models.pipeline.unet, rank=16, std=0.02), directory / "loaded.safetensors")
+        self.copies = 0
+
+    def fresh(self) -> str:
+        self.copies += 1
+        name = f"first-{self.copies}.safetensors"
+        (self.directory / name).write_bytes((self.directory / "loaded.safetensors").read_bytes())
+        return name
 
 
 def post_result(url: str, body: dict) -> float:
@@ -267,6 +289,8 @@ SERVE_ONE_PREVIEW = "Serve SSE end to end, one preview (3'')"
 REFERENCE = "reference pattern, uvicorn (4)"
 OURS = "ours in-process, no previews"
 IMAGE_TO_IMAGE = "ours image to image, strength 1, no previews (7)"
+LORA_LOADED = "ours with a LoRA already loaded, no previews (8)"
+LORA_FIRST = "ours with a LoRA loaded first, no previews (9)"
 SETTLE_S = 1.0  # before each measurement: the previous one's trailing work (logs, metrics) ends first
 
 
@@ -322,9 +346,15 @@ def first_event_row(rounds: list[Round], name: str) -> float | None:
 
 def main() -> None:
     args = parse_args()
-    config = AppConfig(model={"source": args.model, "device": args.device}, requests={"timeout_s": 3600})
+    lora_dir = Path(tempfile.mkdtemp(prefix="overhead-loras-"))
+    config = AppConfig(
+        model={"source": args.model, "device": args.device},
+        requests={"timeout_s": 3600},
+        adapters={"local_dir": str(lora_dir), "max_file_bytes": 2**31},
+    )
     engine = SDXLEngine(EngineConfig.of(config))
     models = engine.models
+    loras = LoraFiles(models, lora_dir)
     body = request_body(args)
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own instance, never a cluster
@@ -341,6 +371,8 @@ def main() -> None:
         BARE: lambda: bare(models, body),
         OURS: lambda: ours(engine, body, 0),
         IMAGE_TO_IMAGE: lambda: ours_image_to_image(engine, body, png),
+        LORA_LOADED: lambda: ours(engine, {**body, "loras": [{"path": "loaded.safetensors"}]}, 0),
+        LORA_FIRST: lambda: ours(engine, {**body, "loras": [{"path": loras.fresh()}]}, 0),
         EVERY_5: lambda: ours(engine, body, 5),
         EVERY_STEP: lambda: ours(engine, body, 1),
         SERVE: lambda: over_http(f"{base}/stream", body),
@@ -378,6 +410,9 @@ def main() -> None:
         "(3) Serve SSE / (3') POST / with the same body": ratio(rounds, SERVE, SERVE_RESULT),
         "(3'') one preview / (3') POST /": ratio(rounds, SERVE_ONE_PREVIEW, SERVE_RESULT),
         "(7) image to image / (2) no previews, same steps": ratio(rounds, IMAGE_TO_IMAGE, OURS),
+        "(8) a LoRA loaded / (2) no previews": ratio(rounds, LORA_LOADED, OURS),
+        "(9) a LoRA loaded first / (8) loaded": ratio(rounds, LORA_FIRST, LORA_LOADED),
+        "(9) - (8): a first load, s": (best(rounds, LORA_FIRST) - best(rounds, LORA_LOADED), None),
         "time to first event (3) - one step, ms": first_event_over_step(rounds, SERVE),
         "time to first event (4) - one step, ms": first_event_over_step(rounds, REFERENCE),
         "(3) client total - replica's own total (transport), ms": (

@@ -7,8 +7,8 @@ use them with no download.
 They go to the default adapter directory (`adapters.local_dir` unset: `~/.cache/sdxl-serve/adapters`, or
 `$SDXL_SERVE_CACHE/adapters`), where a request names them by file name.
 
-The LoRA is made as a trained one is saved: PEFT layers on the UNet's attention projections, written by
-diffusers' `save_lora_weights`. Its weights are random (fixed seeds), large enough to change the image.
+The LoRA has the layout diffusers' `save_lora_weights` writes: PEFT's `lora_A`/`lora_B` on the UNet's
+attention projections. Its weights are random (fixed seeds), large enough to change the image.
 The embedding has SDXL's layout: `clip_l` and `clip_g`, one row per token (two, fal's `<s0>`, `<s1>`).
 """
 
@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig
 
@@ -32,22 +29,30 @@ from serve_app.contract.adapters import LORA_DEFAULT_FILE
 LORA_FILE = "tiny-style.safetensors"
 EMBEDDING_FILE = "tiny-embedding.safetensors"
 _SEED = 20261204
+_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")  # the attention projections, as SDXL LoRAs adapt
 
 
 def write_tiny_lora(target: Path, rank: int = 4, seed: int = _SEED) -> Path:
     """A LoRA on the tiny UNet's attention projections, as diffusers saves one."""
     unet = UNet2DConditionModel.from_pretrained(ensure_tiny_model() / "unet")
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    unet.add_adapter(config)
-    for name, parameter in unet.named_parameters():
-        if "lora_" in name:  # PEFT starts B at zero (no effect); a trained LoRA's is not
-            torch.nn.init.normal_(parameter, std=0.2)
-    with tempfile.TemporaryDirectory() as scratch:
-        StableDiffusionXLPipeline.save_lora_weights(scratch, unet_lora_layers=get_peft_model_state_dict(unet))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((Path(scratch) / LORA_DEFAULT_FILE).read_bytes())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_lora(unet, rank, seed), target)
     return target
+
+
+def random_lora(unet: torch.nn.Module, rank: int = 4, seed: int = _SEED, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """A LoRA for any SDXL-shaped UNet (the tiny one, or a full-size one for the benchmark), in the layout
+    diffusers' `save_lora_weights` writes (PEFT's `lora_A`/`lora_B` per attention projection under
+    `unet.`). Random, with B not zero as a trained LoRA's is not: it changes the image."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(_TARGETS):
+            down = torch.randn(rank, module.in_features, generator=generator) * std
+            up = torch.randn(module.out_features, rank, generator=generator) * std
+            tensors[f"unet.{name}.lora_A.weight"] = down.contiguous()
+            tensors[f"unet.{name}.lora_B.weight"] = up.contiguous()
+    return tensors
 
 
 def write_tiny_embedding(target: Path, vectors: int = 2, seed: int = _SEED + 1) -> Path:

@@ -35,10 +35,13 @@ def test_overhead_benchmark_reports_every_ratio(tmp_path: Path) -> None:
         r"\(3\) Serve SSE / \(3'\) POST / with the same body",
         r"\(3''\) one preview / \(3'\) POST /",
         r"\(7\) image to image / \(2\) no previews, same steps",
+        r"\(8\) a LoRA loaded / \(2\) no previews",
+        r"\(9\) a LoRA loaded first / \(8\) loaded",
         r"time to first event \(3\) - one step, ms",
         r"time to first event \(4\) - one step, ms",
     ):
         assert re.search(rf"\| {ratio} \| {NUMBER} \| {NUMBER} \|", report), ratio
+    assert re.search(rf"\| \(9\) - \(8\): a first load, s \| {NUMBER} \|\s+\|", report)
     serve_row = re.search(rf"\| Serve SSE end to end \(3\) \|( {NUMBER} \|){{4}} ({NUMBER}) \|", report)
     assert serve_row and float(serve_row.group(2)) > 0  # the first event's time, seen by the client
 
