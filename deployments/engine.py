@@ -25,7 +25,7 @@ import torch
 
 from deployments.adapter_files import AdapterSources
 from deployments.adapters import PreparedAdapters, RequestAdapters
-from deployments.failures import device_probe
+from deployments.failures import classify, device_probe
 from deployments.models import LoadedModels, load_models
 from deployments.pipeline_run import END_OF_STREAM, GenerationRun, RunOutcome, UnencodedFinal
 from deployments.preview_worker import PreviewSettings, PreviewWorker, start_preview_worker
@@ -142,11 +142,10 @@ class SDXLEngine:
                 run.cancel()  # a no-op if the run already finished
                 outcome = await _wait_through_cancellation(done)
                 self._run = None
-                await self._clear_adapters(adapters)
-                if outcome.error is not None and outcome.error.fatal and self._unusable_reason is None:
-                    self._unusable_reason = outcome.error.error_type  # the CUDA context is gone for good
-                    if self._on_unusable is not None:
-                        self._on_unusable()
+                if outcome.error is not None and outcome.error.fatal:
+                    self._mark_unusable(outcome.error.error_type)  # the CUDA context is gone for good
+                else:
+                    await self._clear_adapters(adapters)
                 if self._on_run_finished is not None:
                     self._on_run_finished(outcome)
         if outcome.error is not None:
@@ -186,8 +185,12 @@ class SDXLEngine:
             raise
         except Exception as error:
             logger.exception("Loading a run's adapters failed")
-            await self._clear_adapters(adapters)
-            raise GenerationFailed("the generation failed: its adapters could not be loaded") from error
+            failure = classify(error, GenerationFailed, self._probe)  # out of memory; a device that died
+            if failure.fatal:
+                self._mark_unusable(failure.error_type)
+            else:
+                await self._clear_adapters(adapters)
+            raise failure from error
 
     async def _clear_adapters(self, adapters: PreparedAdapters) -> None:
         """The run's adapters off again. If that fails, the next run would see them: leave service."""
@@ -197,7 +200,13 @@ class SDXLEngine:
             await self._on_pipeline_thread(self.adapters.clear, adapters)
         except Exception:
             logger.exception("Switching a run's adapters off failed; this replica leaves service")
-            self._unusable_reason = "adapter failure"
+            self._mark_unusable("adapter failure")
+
+    def _mark_unusable(self, reason: str) -> None:
+        """From now on every request is refused (`replica_failed`, retried elsewhere); the deployment leaves
+        service."""
+        if self._unusable_reason is None:
+            self._unusable_reason = reason
             if self._on_unusable is not None:
                 self._on_unusable()
 
@@ -228,10 +237,8 @@ class SDXLEngine:
         run = self._run
         if run is not None and time.monotonic() - run.last_progress > self.config.model.watchdog_s:
             # No step and no preview for that long: a kernel that never returns. Nothing will free the slot.
-            self._unusable_reason = "hung device"
             logger.error("No progress for %g s: the device is hung; leaving service", self.config.model.watchdog_s)
-            if self._on_unusable is not None:
-                self._on_unusable()
+            self._mark_unusable("hung device")
             raise RuntimeError(f"no progress for {self.config.model.watchdog_s:g} s: the device is hung")
         if self.models.device.type == "cuda" and not self.busy:
             torch.cuda.synchronize(self.models.device)

@@ -20,6 +20,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from deployments.adapter_files import Location, adapter_error
+from deployments.failures import TORCH_OUT_OF_MEMORY
 from serve_app.contract.adapters import LoraWeight
 
 logger = logging.getLogger("ray.serve")
@@ -63,8 +64,10 @@ class LoadedLoras:
             self._pipeline.load_lora_weights(dict(state_dict), adapter_name=name)
             loaded = self._modules_with(name)
         except Exception as error:  # noqa: BLE001 - diffusers and PEFT raise many types for a foreign file
-            logger.info("LoRA %s did not load: %r", path, error)
             self._delete(name)
+            if isinstance(error, TORCH_OUT_OF_MEMORY) or "CUDA" in str(error):
+                raise  # the device's failure, not the file's: classified by the engine
+            logger.info("LoRA %s did not load: %r", path, error)
             raise adapter_error(loc, "adapter_incompatible", "the LoRA does not fit this model's layers") from None
         if expected == 0 or loaded < expected:
             self._delete(name)

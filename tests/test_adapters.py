@@ -205,3 +205,20 @@ def test_a_url_is_fetched_once_with_the_image_inputs_allow_list(file_server: str
     assert _FileServer.hits == ["/style.safetensors"]  # downloaded once, then from the replica's disk
     missing = generate(fetching, config, loras=[{"path": f"{file_server}/gone.safetensors"}])
     assert missing["detail"][0]["type"] == "file_download_error" and "adapter URL" in missing["detail"][0]["msg"]
+
+
+def test_running_out_of_memory_while_loading_a_lora_is_a_503_not_the_files_fault(
+    adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(tmp_path, adapters={"local_dir": str(adapter_dir)})
+    engine = tiny_engine(tmp_path, adapters=config.adapters.model_dump())
+    base = pixels(generate(engine, config, output_format="png"))
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.models.pipeline, "load_lora_weights", out_of_memory)
+    failed = generate(engine, config, loras=[{"path": LORA_FILE}])
+    assert failed["error_type"] == "out_of_memory"
+    assert engine.usable and engine.adapters.stats()["loras_loaded"] == []
+    assert np.array_equal(pixels(generate(engine, config, output_format="png")), base)

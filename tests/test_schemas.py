@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from pydantic import ValidationError
 
+from serve_app.config import AppConfig
 from serve_app.contract.adapters import (
     AdapterPolicy,
     Embedding,
@@ -15,7 +17,7 @@ from serve_app.contract.adapters import (
 )
 from serve_app.contract.errors import ValidationFailed
 from serve_app.contract.events import GenerationResult
-from serve_app.contract.requests import IMAGE_SIZE_PRESETS, MAX_SEED, GenerationRequest
+from serve_app.contract.requests import IMAGE_SIZE_PRESETS, MAX_SEED, GenerationRequest, ResolvedRequest
 
 
 def test_defaults_match_fal_reference() -> None:
@@ -236,3 +238,15 @@ def test_the_adapter_set_id_names_the_paths_not_the_scales() -> None:
     assert adapter_set_id((LoraWeight(path="a.safetensors"),), ()) != one
     assert adapter_set_id((), (), runner_hint="session-1") != adapter_set_id((), (), runner_hint="session-2")
     assert adapter_set_id((), ()) == ""  # no adapters, no hint: any replica
+
+
+def test_a_queued_jobs_adapters_survive_its_record() -> None:
+    """The job store keeps a request as JSON; the dispatcher rebuilds it with the same adapters and routing id."""
+    body = GenerationRequest(
+        prompt="a fox", loras=[{"path": "a.safetensors", "scale": 2}], embeddings=[{"path": "e.safetensors"}]
+    )
+    resolved = AppConfig().request_policy().resolve(body, runner_hint="session-1")
+    stored = json.loads(json.dumps(resolved.model_dump(exclude={"image", "mask"})))
+    rebuilt = ResolvedRequest.model_validate(stored)
+    assert rebuilt.loras == resolved.loras and rebuilt.embeddings == resolved.embeddings
+    assert rebuilt.adapter_set_id == resolved.adapter_set_id != ""

@@ -21,7 +21,9 @@ APP = "adapters-two"
 @pytest.fixture(scope="module")
 def two_replicas(serve_harness: ServeHarness, tiny_adapters: Path):
     for seed in range(3):
-        (tiny_adapters / f"extra-{seed}.safetensors").write_bytes((tiny_adapters / "tiny-style.safetensors").read_bytes())
+        (tiny_adapters / f"extra-{seed}.safetensors").write_bytes(
+            (tiny_adapters / "tiny-style.safetensors").read_bytes()
+        )
     url = serve_harness.deploy(
         APP,
         "/adapters-two",
@@ -91,3 +93,17 @@ def test_a_queued_job_with_an_adapter_that_does_not_load_ends_with_its_422(
     result = client.get(submitted["response_url"])
     assert result.status_code == 422, result.text
     assert result.json()["detail"][0]["type"] == "token_in_vocabulary"
+
+
+def test_requests_with_the_same_runner_hint_go_to_the_same_replica(two_replicas: str, client: httpx.Client) -> None:
+    """fal's `X-Fal-Runner-Hint` joins the multiplexed model id: six hinted requests, no adapters, one replica."""
+
+    def completed() -> dict[int, int]:
+        return {pid: stats["outcomes"].get("completed", 0) for pid, stats in replica_stats().items()}
+
+    before = completed()
+    for _ in range(6):
+        response = client.post(f"{two_replicas}/", json=SMALL, headers={"x-fal-runner-hint": "session-42"})
+        assert response.status_code == 200, response.text
+    after = completed()
+    assert sorted(after[pid] - before[pid] for pid in after) == [0, 6]
