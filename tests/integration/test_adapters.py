@@ -16,6 +16,9 @@ from tests.integration.harness import ServeHarness
 
 SMALL = {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 2, "seed": 5}
 APP = "adapters-two"
+# A replica registers an adapter set with Serve's controller when it first serves it; the routers learn of it
+# within a push interval (0.1 s) and a long poll. Requests sent before then may land on another replica.
+ROUTING_PROPAGATION_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +57,11 @@ def lora_loads() -> list[int]:
 def test_a_repeated_adapter_set_goes_to_the_replica_that_loaded_it(two_replicas: str, client: httpx.Client) -> None:
     """Six requests for one LoRA, one after another: one load in all. Without affinity each lands on either
     replica (Serve's power of two choices), so both would load it in 31 runs of 32."""
-    for _ in range(6):
+    for index in range(6):
         response = client.post(f"{two_replicas}/", json={**SMALL, "loras": [{"path": "tiny-style.safetensors"}]})
         assert response.status_code == 200, response.text
+        if index == 0:
+            time.sleep(ROUTING_PROPAGATION_S)
     assert lora_loads() == [0, 1]
     holders = [stats for stats in replica_stats().values() if stats["adapters"]["loras_loaded"]]
     assert [stats["adapters"]["loras_loaded"] for stats in holders] == [["tiny-style.safetensors"]]
@@ -102,8 +107,10 @@ def test_requests_with_the_same_runner_hint_go_to_the_same_replica(two_replicas:
         return {pid: stats["outcomes"].get("completed", 0) for pid, stats in replica_stats().items()}
 
     before = completed()
-    for _ in range(6):
+    for index in range(6):
         response = client.post(f"{two_replicas}/", json=SMALL, headers={"x-fal-runner-hint": "session-42"})
         assert response.status_code == 200, response.text
+        if index == 0:
+            time.sleep(ROUTING_PROPAGATION_S)
     after = completed()
     assert sorted(after[pid] - before[pid] for pid in after) == [0, 6]
