@@ -29,8 +29,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file
 
-from deployments.tiny import cache_root
-from serve_app.config import AdapterConfig, InputConfig
+from serve_app.config import AdapterConfig, InputConfig, cache_root
 from serve_app.contract.errors import ValidationFailed
 from serve_app.inputs.fetch import FetchPolicy, FetchRefused, fetch_url
 

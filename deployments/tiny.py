@@ -9,7 +9,6 @@ safety checker (`safety_checker: tiny`), in a subdirectory, generated the first 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from transformers import (
 
 from deployments.previews import final_pixels
 from deployments.safety import SafetyChecker
+from serve_app.config import cache_root
 
 # Bump when the layout or sizes below change, so stale caches are not reused.
 TINY_MODEL_VERSION = "v2"
@@ -60,11 +60,6 @@ _NEVER = 2.0  # a threshold no cosine reaches: the concepts the tiny checker doe
 
 TEXT_HIDDEN = 32  # per text encoder; the UNet sees both concatenated (64)
 TIME_EMBED_DIM = 8
-
-
-def cache_root() -> Path:
-    """`$SDXL_SERVE_CACHE`, or `~/.cache/sdxl-serve`: the tiny model's and the default adapter directory's parent."""
-    return Path(os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve")
 
 
 def default_cache_dir() -> Path:

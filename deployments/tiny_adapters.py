@@ -23,7 +23,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig
 
-from deployments.tiny import cache_root, ensure_tiny_model
+from deployments.adapter_files import default_adapter_dir
+from deployments.tiny import ensure_tiny_model
 from serve_app.contract.adapters import LORA_DEFAULT_FILE
 
 LORA_FILE = "tiny-style.safetensors"
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("directory", nargs="?", type=Path, default=None, help="where to write both files")
     parser.add_argument("--hub", metavar="OWNER/NAME", help="also put the LoRA in the Hugging Face cache as this repo")
     args = parser.parse_args()
-    directory = args.directory or cache_root() / "adapters"
+    directory = args.directory or default_adapter_dir()
     lora = write_tiny_lora(directory / LORA_FILE)
     embedding = write_tiny_embedding(directory / EMBEDDING_FILE)
     print(f"wrote {lora} and {embedding}")

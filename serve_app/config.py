@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,6 +39,13 @@ from serve_app.contract.requests import (
 )
 
 logger = logging.getLogger("ray.serve")
+
+
+def cache_root() -> Path:
+    """`$SDXL_SERVE_CACHE`, or `~/.cache/sdxl-serve`: where the service keeps what it makes for itself (the tiny
+    model, the default adapter directory, local outputs, a kept webhook signing key) in each process."""
+    return Path(os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve")
+
 
 TINY_MODEL = "tiny"
 RANDOM_SDXL = "sdxl-random"  # full-size architecture, random weights: for timing only

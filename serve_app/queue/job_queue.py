@@ -8,12 +8,11 @@ Serve client over the SDXL deployment's handle by default.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import QueueConfig
+from serve_app.config import QueueConfig, cache_root
 from serve_app.contract.requests import ResolvedRequest
 from serve_app.generation.serve import ServeGenerationClient
 from serve_app.queue import JobStore, StoreLimits, open_job_store
@@ -109,8 +108,7 @@ async def signing_key(config: QueueConfig, store: JobStore) -> tuple[WebhookSign
     if config.store == "redis":
         seed = await store.shared_signing_key(new_seed())
         return WebhookSigner.from_seed(seed), seed
-    cache = Path(os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve")
-    return WebhookSigner.kept_in_file(cache / "webhook-signing-key"), None
+    return WebhookSigner.kept_in_file(cache_root() / "webhook-signing-key"), None
 
 
 def store_limits(config: QueueConfig) -> StoreLimits:

@@ -28,7 +28,7 @@ from typing import Literal
 import obstore
 from obstore.store import LocalStore, MemoryStore, ObjectStore, from_url
 
-from serve_app.config import QueueConfig
+from serve_app.config import QueueConfig, cache_root
 from serve_app.contract.errors import ValidationFailed
 
 logger = logging.getLogger("ray.serve")
@@ -67,7 +67,7 @@ class OutputStore:
         if url and "://" in url and not url.startswith("file://"):
             options = {"allow_http": True} if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true" else None
             return cls(from_url(url, client_options=options), config, config.outputs_presigned_urls, url)
-        directory = Path(url.removeprefix("file://")) if url else _cache_dir() / "outputs"
+        directory = Path(url.removeprefix("file://")) if url else cache_root() / "outputs"
         store = LocalStore(directory, automatic_cleanup=True, mkdir=True)
         return cls(store, config, describe=str(directory))
 
@@ -198,7 +198,3 @@ def _path(key: str) -> str | None:
     if expires_at != NEVER and not expires_at.isdigit():
         return None
     return f"{expires_at}/{secret}/{name}"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SDXL_SERVE_CACHE") or Path.home() / ".cache" / "sdxl-serve")

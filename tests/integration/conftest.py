@@ -7,7 +7,7 @@ import httpx
 import pytest
 import ray
 
-from deployments.tiny import cache_root
+from deployments.adapter_files import default_adapter_dir
 from deployments.tiny_adapters import EMBEDDING_FILE, LORA_FILE, write_tiny_embedding, write_tiny_lora
 from tests.integration.harness import ServeHarness, free_port
 from tests.redis_server import redis_url  # noqa: F401 - a fixture
@@ -61,8 +61,7 @@ def client() -> httpx.Client:
 def tiny_adapters(serve_harness: ServeHarness) -> Path:
     """The README's tiny LoRA and embedding (`python -m deployments.tiny_adapters`), in the default adapter
     directory every test app's replicas read (`$SDXL_SERVE_CACHE/adapters`, set above)."""
-    directory = cache_root() / "adapters"
+    directory = default_adapter_dir()
     write_tiny_lora(directory / LORA_FILE)
-    write_tiny_lora(directory / "other-style.safetensors", seed=1)
     write_tiny_embedding(directory / EMBEDDING_FILE)
     return directory
