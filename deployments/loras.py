@@ -94,9 +94,6 @@ class LoadedLoras:
 
     def deactivate(self) -> None:
         """After a run with LoRAs: the base layers alone again."""
-        self._disable()
-
-    def _disable(self) -> None:
         if self._enabled:
             self._pipeline.disable_lora()
         self._enabled = False

@@ -7,9 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import pickle
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from deployments.tiny_adapters import EMBEDDING_FILE, LORA_FILE, write_hub_repo,
 from serve_app.config import AppConfig
 from serve_app.contract.adapters import LORA_DEFAULT_FILE
 from serve_app.contract.requests import GenerationRequest
+from tests.test_input_fetch import serving
 from tests.tiny_engine import collect, tiny_config, tiny_engine
 
 PROMPT = "a <s0><s1> fox"
@@ -188,10 +188,8 @@ class _FileServer(BaseHTTPRequestHandler):
 def file_server(adapter_dir: Path) -> Iterator[str]:
     _FileServer.files = {"/style.safetensors": (adapter_dir / LORA_FILE).read_bytes()}
     _FileServer.hits = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FileServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    for port in serving(handler=_FileServer):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_url_is_fetched_once_with_the_image_inputs_allow_list(file_server: str, tmp_path: Path) -> None:

@@ -66,9 +66,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serving(context: ssl.SSLContext | None = None) -> Iterator[int]:
-    """The port of a test server on 127.0.0.1, over TLS when given a context."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def serving(context: ssl.SSLContext | None = None, handler: type[BaseHTTPRequestHandler] = Handler) -> Iterator[int]:
+    """The port of a test server on 127.0.0.1 answering with `handler`, over TLS when given a context."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if context is not None:
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

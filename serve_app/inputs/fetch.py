@@ -154,7 +154,8 @@ class _CheckedBackend(httpcore.AnyIOBackend):
 
 
 async def fetch_url(url: str, policy: FetchPolicy) -> bytes:
-    """The body of `url`, a client's image input, if the policy allows fetching it; `FetchRefused` otherwise."""
+    """The body of `url` (a client's image input, an adapter), if the policy allows fetching it; `FetchRefused`
+    otherwise."""
     target = _target(url, policy.allowed_hosts, policy.label)
     try:
         with anyio.fail_after(policy.timeout_s):
@@ -170,12 +171,12 @@ async def fetch_url(url: str, policy: FetchPolicy) -> bytes:
             "file_download_error", f"{policy.label} host {target.host!r} did not answer within {policy.timeout_s:g} s"
         ) from None
     except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
-        logger.info("Image input from %r: could not connect: %r", target.host, error)
+        logger.info("%s from %r: could not connect: %r", policy.label, target.host, error)
         raise FetchRefused(
             "file_download_error", f"could not connect to the {policy.label} host {target.host!r}"
         ) from None
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as error:
-        logger.info("Image input from %r: connection failed: %r", target.host, error)
+        logger.info("%s from %r: connection failed: %r", policy.label, target.host, error)
         raise FetchRefused(
             "file_download_error", f"the connection to {policy.label} host {target.host!r} failed"
         ) from None
